@@ -1,0 +1,1 @@
+"""The learned IP-Adapter modules, built from a state dict."""

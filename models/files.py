@@ -1,0 +1,63 @@
+"""Reading adapter and embedding files safely: .safetensors, or legacy .bin as plain tensors only."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from ..ip_adapter_core.layout import AdapterFormatError
+from .ip_adapter import IPAdapterModel
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A flat state dict from a .safetensors file, or from a .bin/.pt/.pth pickle of tensors.
+
+    A pickle is opened with weights_only=True, so a file that carries code is refused
+    before any of it runs.
+    """
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path} does not exist")
+    if path.endswith(".safetensors"):
+        try:
+            return load_file(path, device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterFormatError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise AdapterFormatError(
+            f"{name} was refused: its pickle holds more than tensors (possibly code), and this pack "
+            f"loads .bin files with weights_only=True only. Convert it to .safetensors. ({e})"
+        ) from e
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise AdapterFormatError(f"{name} is not a readable torch file (truncated or corrupt?): {e}") from e
+    if not isinstance(data, dict):
+        raise AdapterFormatError(f"{name} holds a {type(data).__name__}, not a dict of tensors")
+    return _flatten(data)
+
+
+def _flatten(data: dict, prefix: str = "") -> dict[str, torch.Tensor]:
+    flat: dict[str, torch.Tensor] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        elif isinstance(value, torch.Tensor):
+            flat[f"{prefix}{key}"] = value
+        else:
+            raise AdapterFormatError(f"{prefix}{key} is a {type(value).__name__}, not a tensor")
+    return flat
+
+
+def load_adapter(path: str) -> IPAdapterModel:
+    """Read and build an adapter; errors name the file and what is wrong with it."""
+    state_dict = read_state_dict(path)
+    try:
+        return IPAdapterModel.from_state_dict(state_dict)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{os.path.basename(path)}: {e}") from e
