@@ -7,9 +7,10 @@ import pickle
 import zipfile
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
+from ..ip_adapter_core.embeds import ImageEmbeds
 from ..ip_adapter_core.layout import AdapterFormatError
 from .ip_adapter import IPAdapterModel
 
@@ -61,3 +62,31 @@ def load_adapter(path: str) -> IPAdapterModel:
         return IPAdapterModel.from_state_dict(state_dict)
     except AdapterFormatError as e:
         raise AdapterFormatError(f"{os.path.basename(path)}: {e}") from e
+
+
+EMBEDS_FORMAT = "ipadapter-exact-embeds/1"
+
+
+def save_embeds(path: str, embeds: ImageEmbeds, source: str) -> None:
+    """Write encodings as .safetensors (never pickle), recording what they are."""
+    metadata = {"format": EMBEDS_FORMAT, "output": embeds.output, "width": str(embeds.width), "source": source}
+    save_file({"cond": embeds.cond.contiguous(), "uncond": embeds.uncond.contiguous()}, path, metadata=metadata)
+
+
+def load_embeds(path: str) -> ImageEmbeds:
+    """Read encodings written by `save_embeds`; anything else is refused with the reason."""
+    name = os.path.basename(path)
+    if not path.endswith(".safetensors"):
+        raise AdapterFormatError(f"{name}: embeddings are read from .safetensors files only")
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata.get("format") != EMBEDS_FORMAT:
+                raise AdapterFormatError(f"{name} is not an embeddings file saved by this pack")
+            cond, uncond = f.get_tensor("cond"), f.get_tensor("uncond")
+    except (SafetensorError, OSError) as e:
+        raise AdapterFormatError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
+    output = metadata.get("output")
+    if output not in ("image_embeds", "penultimate") or cond.shape[-1] != int(metadata.get("width", -1)):
+        raise AdapterFormatError(f"{name}: its metadata does not describe its tensors (damaged file)")
+    return ImageEmbeds(cond.float(), uncond.float(), output)

@@ -56,7 +56,7 @@ class ApplyIPAdapter:
 
     def apply(self, model, ipadapter, image_embeds, weight, weight_type, start_at, end_at, combine_embeds,
               attn_mask=None, layer_weights=None, one_image_per_latent=False):
-        weights = None if layer_weights is None else layer_weights.for_adapter(ipadapter.spec)
+        weights = None if layer_weights is None else layer_weights.for_layers(ipadapter.spec.layers)
         return (apply_adapter(model, ipadapter, image_embeds, weight, weight_type, start_at, end_at,
                               combine_embeds, attn_mask, weights, one_image_per_latent),)
 

@@ -90,7 +90,7 @@ def build_pair(base_model: str, seed: int = 0) -> UNetPair:
     # diffusers key -> ComfyUI (LDM) key, for this exact topology.
     mapping = comfy.utils.unet_to_diffusers(dict(comfy_config))
     sd = unet.state_dict()
-    ldm = {ldm_key: sd[diff_key].clone() for diff_key, ldm_key in mapping.items()}
+    ldm = {ldm_key: sd[diff_key].clone() for diff_key, ldm_key in mapping.items() if diff_key in sd}
     missing = set(sd) - set(mapping)
     assert not missing, f"unmapped diffusers keys: {sorted(missing)[:5]}"
     patcher = comfy.sd.load_diffusion_model_state_dict(ldm, model_options={"dtype": torch.float32})
