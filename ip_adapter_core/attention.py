@@ -10,6 +10,7 @@ so several adapters stack by wrapping one another.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -80,6 +81,12 @@ class IPApplication:
     mask: torch.Tensor | None = None  # [1 or batch, H, W] in [0, 1]
     host_models: tuple = ()  # host-managed weight containers, reported to the host's loader
     _kv_cache: dict = field(default_factory=dict, repr=False)
+
+    def __deepcopy__(self, memo: dict) -> IPApplication:
+        # Hosts deep-copy model options on every clone (ComfyUI does); an application is
+        # read-only configuration plus shared weights, so clones share it instead of copying
+        # the adapter weights and tokens once per clone.
+        return self
 
     def __post_init__(self) -> None:
         if self.weight_type not in WEIGHT_TYPES:
@@ -152,6 +159,9 @@ class IPAttentionPatch:
         out = self.inner(q, k, v, extra_options)
         image_term = self.application(self.layer_index, q, extra_options)
         return out if image_term is None else out + image_term.to(out.dtype)
+
+    def __deepcopy__(self, memo: dict) -> IPAttentionPatch:
+        return IPAttentionPatch(self.layer_index, self.application, copy.deepcopy(self.inner, memo))
 
     # The host moves patches with the model; the weights are host-managed, nothing to copy.
     def to(self, *args, **kwargs) -> IPAttentionPatch:

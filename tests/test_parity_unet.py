@@ -114,3 +114,82 @@ def test_adapter_matches_diffusers(pair, tmp_path):
         record(f"{pair.base_model} {kind} adapter effect", effect)
         assert effect > 0.01, f"{kind}: the adapter barely changes the output ({effect:.2e}); the test has no teeth"
         assert diff <= TOLERANCE, f"{pair.base_model} {kind}: ours vs diffusers differ by {diff:.2e}"
+
+
+BLOCK_DICTS = {
+    "SD1.5": [{"down": {"block_2": [0.0, 1.0]}, "up": {"block_1": [0.5, 1.0, 0.0]}, "mid": 0.3}],
+    "SDXL": [{"up": {"block_0": [0.0, 1.0, 0.0]}},
+             {"down": {"block_2": [0.0, 1.0]}, "up": {"block_0": [0.0, 1.0, 0.0]}}],
+}
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_controls_match_diffusers(pair, tmp_path):
+    """Block dictionaries (set_ip_adapter_scale), attention masks, and sigma gating."""
+    from types import SimpleNamespace
+
+    from diffusers.image_processor import IPAdapterMaskProcessor
+    from diffusers.loaders.ip_adapter import IPAdapterMixin
+
+    from ipadapter_pack.ip_adapter_core.blocks import LayerWeights
+    from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
+    from ipadapter_pack.nodes.apply_logic import apply_adapter
+    from ipadapter_pack.nodes.host import ADAPTERS
+
+    gen = torch.Generator().manual_seed(9)
+    side = SPATIAL[pair.base_model]
+    latents = torch.randn(1, 4, side, side, generator=gen).repeat(2, 1, 1, 1)
+    text = torch.randn(2, 77, pair.context_dim, generator=gen)
+    timesteps = torch.tensor([300.0, 300.0])
+    added, y = ({}, None)
+    if pair.base_model == "SDXL":
+        added, y = sdxl_added_cond(pair.diffusers, 2, gen)
+    kind, width = CASES[pair.base_model][0]
+    flat = adapter_state_dict(kind, pair.hidden_sizes, pair.context_dim, seed=12)
+    path = tmp_path / "controls.safetensors"
+    save_file(flat, str(path))
+    adapter = ADAPTERS.get(str(path))
+    cond, uncond = encodings(kind, width, gen)
+    embeds = ImageEmbeds(cond, uncond, adapter.spec.encoder_output)
+    pair.diffusers._load_ip_adapter_weights([nested(flat)], low_cpu_mem_usage=False)
+    images = torch.cat([uncond, cond])[:, None]
+
+    def reference(**kwargs):
+        return pair.diffusers(latents, timesteps, text, added_cond_kwargs={**added, "image_embeds": [images]},
+                              **kwargs).sample
+
+    # Block dictionaries: diffusers' own set_ip_adapter_scale against our parser.
+    for scales in BLOCK_DICTS[pair.base_model]:
+        IPAdapterMixin.set_ip_adapter_scale(SimpleNamespace(unet=pair.diffusers), scales)
+        weights = LayerWeights.parse("linear", dict_text=json.dumps(scales)).for_layers(adapter.spec.layers)
+        ours = comfy_forward(apply_adapter(pair.comfy, adapter, embeds, layer_weights=weights),
+                             latents, timesteps, text, [1, 0], y=y)
+        diff = relative_difference(ours, reference())
+        record(f"{pair.base_model} block dict {json.dumps(scales)}", diff)
+        assert diff <= TOLERANCE, f"block dict {scales}: {diff:.2e}"
+
+    # One attention mask (left half), prepared by diffusers' IPAdapterMaskProcessor.
+    set_diffusers_scale(pair.diffusers, 0.9)
+    pixels = side * 8
+    mask_image = torch.zeros(1, 1, pixels, pixels)
+    mask_image[..., : pixels // 2] = 1.0
+    masks = IPAdapterMaskProcessor().preprocess(mask_image, height=pixels, width=pixels)  # [1, 1, H, W]
+    expected = reference(cross_attention_kwargs={"ip_adapter_masks": [masks]})
+    ours = comfy_forward(apply_adapter(pair.comfy, adapter, embeds, 0.9, attn_mask=masks[:, 0]),
+                         latents, timesteps, text, [1, 0], y=y)
+    diff = relative_difference(ours, expected)
+    record(f"{pair.base_model} attention mask", diff)
+    assert diff <= TOLERANCE, f"mask: {diff:.2e}"
+    assert relative_difference(expected, reference()) > 1e-3, "the mask changed nothing; the test has no teeth"
+
+    # Sigma gating: outside [end, start] the patched model is the bare model, bit for bit.
+    gated = apply_adapter(pair.comfy, adapter, embeds, 1.0, start_at=0.5, end_at=0.8)
+    sampling = pair.comfy.get_model_object("model_sampling")
+    early, late = float(sampling.sigma_max), float(sampling.percent_to_sigma(0.9))
+    inside = float(sampling.percent_to_sigma(0.6))
+    bare = comfy_forward(pair.comfy, latents, timesteps, text, [1, 0], y=y)
+    for sigma in (early, late):
+        assert torch.equal(comfy_forward(gated, latents, timesteps, text, [1, 0], sigma=sigma, y=y), bare)
+    active = comfy_forward(gated, latents, timesteps, text, [1, 0], sigma=inside, y=y)
+    assert relative_difference(active, bare) > 0.01
