@@ -27,7 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 def setup_imports() -> None:
     """The pack as `ipadapter_pack` (its __init__ not run) and ComfyUI in-process on the CPU."""
-    sys.path.insert(0, str(REPO))
     pkg = types.ModuleType("ipadapter_pack")
     pkg.__path__ = [str(REPO)]
     sys.modules["ipadapter_pack"] = pkg

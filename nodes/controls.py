@@ -126,7 +126,8 @@ class IPAdapterNoiseImage:
             "required": {
                 "strength": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.05,
                                        "tooltip": "0 gives the reference itself (or grey), 1 pure noise."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "tooltip": "Noise seed."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": True,
+                                  "tooltip": "Noise seed."}),
             },
             "optional": {"image": ("IMAGE", {"tooltip": "Blend the noise into this image instead of grey."})},
         }

@@ -1,0 +1,200 @@
+"""Shared test setup for ComfyUI-IPAdapter-Exact.
+
+At import (before any test module):
+* ``tests`` and ``ipadapter_pack`` are registered as packages without executing an
+  ``__init__.py``: ``ipadapter_pack`` is this checkout, so pure unit tests can
+  ``import ipadapter_pack.ip_adapter_core.layout`` without ComfyUI loading the node pack.
+  (The repository root is itself a package -- the pack's ``__init__.py`` imports ComfyUI --
+  which is why ``tests/`` must not have an ``__init__.py``: pytest would import the pack.)
+* ComfyUI (``$COMFYUI_PATH`` or ``.cache/comfyui-0.3.75``) is put first on ``sys.path`` (and the
+  checkout taken off it: its ``nodes/`` would shadow ComfyUI's ``nodes``), with
+  the CPU-only torchvision workaround armed and ``comfy.cli_args.args.cpu = True`` set before
+  anything can import ``comfy.model_management``.
+
+Fixtures:
+* ``models`` (session): the generated random-weight model files (``models["checkpoints/x"]``,
+  ``models.ensure(...)``, ``models.root``).
+* ``comfy_inprocess`` (session): ComfyUI imported in this process, fixture model folders
+  registered (checkpoints, clip_vision, ipadapter, controlnet, loras), output/input/temp/user
+  in a temporary folder; ``load_pack()`` loads the pack through ComfyUI's own loader. Run model
+  code inside ``torch.inference_mode()``, as ComfyUI's executor does.
+* ``comfy_server`` (session): one real ComfyUI server with the pack, shared by all server
+  tests, stopped at the end; its log is copied to ``.test-artifacts/comfyui-server.log``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / ".test-artifacts"
+PACK_PACKAGE = "ipadapter_pack"
+
+log = logging.getLogger("tests")
+
+
+def _register_package(name: str, path: Path) -> None:
+    existing = sys.modules.get(name)
+    if existing is not None and str(path) in list(getattr(existing, "__path__", [])):
+        return
+    pkg = types.ModuleType(name)
+    pkg.__path__ = [str(path)]
+    pkg.__file__ = None
+    sys.modules[name] = pkg
+
+
+def _pytest_root_package_names(repo: Path) -> list[tuple[str, Path]]:
+    """The dotted name(s) under which pytest's Package collector would import the root __init__.py."""
+    parts = [(repo.name, repo)]
+    folder = repo.parent
+    while (folder / "__init__.py").is_file():
+        parts.insert(0, (folder.name, folder))
+        folder = folder.parent
+    return [(".".join(name for name, _ in parts[: i + 1]), path) for i, (_, path) in enumerate(parts)]
+
+
+_register_package("tests", REPO / "tests")
+_register_package(PACK_PACKAGE, REPO)
+# The repository root has an __init__.py (it is the pack), so pytest collects it as a Package and
+# imports that __init__.py before the first test, under the folder's name -- which would load the
+# whole pack (and ComfyUI) into every test run. Registering that name first makes the import a no-op.
+for _name, _path in _pytest_root_package_names(REPO):
+    if _name not in sys.modules:
+        _register_package(_name, _path)
+
+from tests.harness import comfy_host, torchvision_cpu  # noqa: E402
+from tests.harness.comfy_host import MODEL_FOLDERS, ComfyServer  # noqa: E402
+
+
+def _is_repo(entry: str) -> bool:
+    try:
+        return Path(entry or ".").resolve() == REPO
+    except OSError:
+        return False
+
+
+def _prepare_comfy_imports() -> Path | None:
+    """Makes ComfyUI importable in this process, CPU-only; None if there is no ComfyUI yet."""
+    try:
+        path = comfy_host.comfy_dir()
+    except FileNotFoundError as exc:
+        log.warning("%s", exc)
+        return None
+    # The checkout must not be on sys.path (`python -m pytest` puts the working directory there):
+    # its nodes/ and models/ packages would shadow ComfyUI's own `nodes` module.
+    sys.path[:] = [p for p in sys.path if not _is_repo(p)]
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))  # first, as `python main.py` has it
+    torchvision_cpu.install()
+    if "comfy.model_management" in sys.modules:
+        log.warning("comfy.model_management was imported before conftest could select the CPU")
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    return path
+
+
+COMFY_DIR = _prepare_comfy_imports()
+
+
+class Models:
+    """The generated stand-in model tree (tests/fixtures/generate.py)."""
+
+    def __init__(self):
+        from tests.fixtures import generate
+
+        self._generate = generate
+        self.root = Path(generate.MODELS_ROOT)
+
+    def ensure(self, *names: str) -> dict[str, Path]:
+        return {name: Path(p) for name, p in self._generate.ensure(*names).items()}
+
+    def __getitem__(self, name: str) -> Path:
+        return self.ensure(name)[name]
+
+
+@pytest.fixture(scope="session")
+def models() -> Models:
+    return Models()
+
+
+class InProcessComfy:
+    """ComfyUI imported into the test process."""
+
+    def __init__(self, comfy_dir: Path, work: Path, models: Models):
+        import comfy.model_management
+        import folder_paths
+
+        import nodes
+
+        self.comfy_dir = comfy_dir
+        self.work = work
+        self.models = models
+        self.folder_paths = folder_paths
+        self.model_management = comfy.model_management
+        self.nodes = nodes
+        self._pack = None
+
+    def load_pack(self):
+        """Loads the pack the way ComfyUI does (once); returns its imported module."""
+        if self._pack is None:
+            import asyncio
+
+            link = self.work / "custom_nodes" / comfy_host.PACK_DIR_NAME
+            link.parent.mkdir(parents=True, exist_ok=True)
+            if not link.exists():
+                link.symlink_to(REPO, target_is_directory=True)
+            before = set(self.nodes.NODE_CLASS_MAPPINGS)
+            if not asyncio.run(self.nodes.load_custom_node(str(link))):
+                raise RuntimeError(f"ComfyUI could not load the pack from {link} (see the log above)")
+            self._pack = sys.modules[str(link).replace(".", "_x_")]
+            log.info("pack loaded in-process: %s", sorted(set(self.nodes.NODE_CLASS_MAPPINGS) - before))
+        return self._pack
+
+
+@pytest.fixture(scope="session")
+def comfy_inprocess(tmp_path_factory, models) -> InProcessComfy:
+    comfy_dir = COMFY_DIR or comfy_host.comfy_dir()  # raises with the how-to when missing
+    import folder_paths
+
+    work = tmp_path_factory.mktemp("comfy_inprocess")
+    for sub in ("output", "input", "temp", "user"):
+        (work / sub).mkdir()
+    folder_paths.set_output_directory(str(work / "output"))
+    folder_paths.set_input_directory(str(work / "input"))
+    folder_paths.set_temp_directory(str(work / "temp"))
+    folder_paths.set_user_directory(str(work / "user"))
+    for name in MODEL_FOLDERS:
+        folder_paths.add_model_folder_path(name, str(models.root / name), is_default=True)
+    return InProcessComfy(comfy_dir, work, models)
+
+
+def server_model_names() -> list[str]:
+    """The fixture files the server tests need: the core test's checkpoint and the workflows' models."""
+    from tests.harness import standins
+
+    names = {"checkpoints/sd15_tiny.safetensors"}
+    # Lenient: a workflow naming a model without stand-in fails its own test, not the server.
+    names.update(standins.fixture_names_for_workflows(sorted((REPO / "workflows").glob("*.json")), strict=False))
+    return sorted(names)
+
+
+@pytest.fixture(scope="session")
+def comfy_server(models, tmp_path_factory):
+    from tests.harness import standins
+
+    workflows = sorted((REPO / "workflows").glob("*.json"))
+    models.ensure(*server_model_names())
+    # Real file names used by the workflows are linked to their generated stand-ins.
+    aliases = standins.build_models_tree(tmp_path_factory.mktemp("models"), workflows, models.ensure, strict=False)
+    server = ComfyServer(models_root=[models.root, aliases], save_log_to=ARTIFACTS / "comfyui-server.log")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
