@@ -121,7 +121,10 @@ def main() -> None:
             x = torch.randn(2, 4, side, side)
             text = torch.randn(2, 77, 768)
             t = torch.tensor([500.0, 500.0])
-            step = lambda m: comfy_forward(m, x, t, text, [1, 0])  # noqa: E731
+
+            def step(model, x=x, t=t, text=text):
+                return comfy_forward(model, x, t, text, [1, 0])
+
             step(comfy_model), step(patched)  # warm up (and fill the K/V cache once)
             bare, with_ip, inside = [], [], []
             for _ in range(args.rounds):
@@ -133,7 +136,7 @@ def main() -> None:
                     step(patched)
                     with_ip.append(time.perf_counter() - start)
                 inside.append(timer.seconds)
-            ratios = [w / b for w, b in zip(with_ip, bare)]
+            ratios = [w / b for w, b in zip(with_ip, bare, strict=True)]
             med_bare, med_ip, med_in = (statistics.median(v) for v in (bare, with_ip, inside))
             print(f"{size}px: step median bare {med_bare * 1000:.0f} ms, with adapter {med_ip * 1000:.0f} ms; "
                   f"ratio median {statistics.median(ratios):.3f} (rounds {min(ratios):.2f}-{max(ratios):.2f}); "

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange, repeat
 
+from .batching import pad_batch
 from .masks import mask_for_queries
 from .schedule import SigmaRange
 
@@ -131,16 +132,8 @@ class IPApplication:
 
 
 def _per_latent(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """[1 or batch, T, C] -> [batch, T, C]; one reference per latent when sizes match."""
-    if t.shape[0] == batch:
-        return t
-    if t.shape[0] == 1:
-        return t.expand(batch, -1, -1)
-    # One image per latent: repeat the batch of references cyclically when sampling more
-    # latents than there are references (e.g. several prompts batched by the sampler).
-    if batch % t.shape[0] == 0:
-        return t.repeat(batch // t.shape[0], 1, 1)
-    raise ValueError(f"{t.shape[0]} reference embeddings cannot serve a batch of {batch} latents")
+    """[1 or N, T, C] -> [batch, T, C]: one reference per latent, the last one repeated."""
+    return pad_batch(t, batch, "reference embeddings")
 
 
 class IPAttentionPatch:

@@ -7,6 +7,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .batching import pad_batch
+
 
 def token_grid(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
     """The (h, w) grid of a layer whose `num_queries` tokens cover a latent of `latent_hw`.
@@ -27,14 +29,7 @@ def mask_for_queries(mask: torch.Tensor, original_shape: list[int], num_queries:
     # Bicubic, unclamped, as diffusers' IPAdapterMaskProcessor resizes: the same mask gives the
     # same result in both implementations (the grid here comes from the latent, so any aspect works).
     resized = F.interpolate(mask[None].float(), size=(h, w), mode="bicubic")[0]
-    resized = resized.flatten(1)  # [M, h*w]
-    if resized.shape[0] == batch:
-        return resized
-    if resized.shape[0] == 1:
-        return resized.expand(batch, -1)
-    if batch % resized.shape[0] == 0:
-        return resized.repeat(batch // resized.shape[0], 1)
-    raise ValueError(f"a batch of {resized.shape[0]} masks cannot serve {batch} latents; give 1 or {batch}")
+    return pad_batch(resized.flatten(1), batch, "attention masks")  # [batch, h*w]
 
 
 def check_mask(mask: torch.Tensor) -> torch.Tensor:

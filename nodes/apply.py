@@ -50,7 +50,8 @@ class ApplyIPAdapter:
                     "tooltip": "Per-layer multipliers from the IP-Adapter Layer Weights node."}),
                 "one_image_per_latent": ("BOOLEAN", {
                     "default": False,
-                    "tooltip": "Batch mode: reference i steers latent i (for batches and animation)."}),
+                    "tooltip": "Batch mode: reference i steers latent i (for batches and animation); with more "
+                                "latents than references the last reference repeats."}),
             },
         }
 

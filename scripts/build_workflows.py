@@ -76,7 +76,7 @@ class Graph:
         cls = self.classes[node_type]
         definition = cls.INPUT_TYPES()
         names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
-        outputs = list(zip(names, cls.RETURN_TYPES))
+        outputs = list(zip(names, cls.RETURN_TYPES, strict=True))
         node = Node(self, len(self.nodes) + 1, node_type, definition, outputs, title, values)
         self.nodes.append(node)
         return node
@@ -112,10 +112,11 @@ class Graph:
                     link_id = len(links) + 1
                     links.append([link_id, source.id, slot, node.id, len(inputs), source.outputs[slot][1]])
                     outputs_links.setdefault((source.id, slot), []).append(link_id)
-                    entry = {"name": name, "type": "COMBO" if isinstance(kind, (list, tuple)) else kind, "link": link_id}
+                    is_combo = isinstance(kind, (list, tuple))
+                    entry = {"name": name, "type": "COMBO" if is_combo else kind, "link": link_id}
                     if is_widget:  # a widget converted to an input keeps its (unused) value
                         entry["widget"] = {"name": name}
-                        widgets.append(options.get("default", kind[0] if isinstance(kind, (list, tuple)) and kind else None))
+                        widgets.append(options.get("default", kind[0] if is_combo and kind else None))
                     inputs.append(entry)
                     continue
                 if not is_widget:
@@ -134,7 +135,8 @@ class Graph:
             ui = {
                 "id": node.id, "type": node.type, "pos": [40 + 340 * col, y], "size": [300, height],
                 "flags": {}, "order": 0, "mode": 0, "inputs": inputs,
-                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i} for i, (n, t) in enumerate(node.outputs)],
+                "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                            for i, (n, t) in enumerate(node.outputs)],
                 "properties": {"Node name for S&R": node.type}, "widgets_values": widgets,
             }
             if node.title:

@@ -83,8 +83,11 @@ def test_mask_resizing_keeps_regions():
     assert out.shape == (2, 16 * 24)
     grid = out[0].view(16, 24)
     assert grid[:, :11].min() > 0.99 and grid[:, 13:].abs().max() < 0.01
-    with pytest.raises(ValueError, match="cannot serve 3 latents"):
-        masks.mask_for_queries(torch.ones(2, 8, 8), [3, 4, 8, 8], 64, batch=3)
+    two = torch.stack([torch.ones(8, 8), torch.zeros(8, 8)])
+    padded = masks.mask_for_queries(two, [3, 4, 8, 8], 64, batch=3)  # the last mask fills the batch
+    assert padded[0].min() > 0.99 and padded[1:].abs().max() < 1e-6
+    with pytest.raises(ValueError, match="3 attention masks for a batch of 2 latents"):
+        masks.mask_for_queries(torch.ones(3, 8, 8), [2, 4, 8, 8], 64, batch=2)
     with pytest.raises(ValueError, match="non-empty"):
         masks.check_mask(torch.zeros(1, 0, 8))
 
@@ -102,7 +105,7 @@ def test_presets_follow_the_block_map():
     both = blocks.preset_weights("style and composition", SD15_LAYERS, style=0.5, composition=2.0)
     assert {SD15_LAYERS[i]: w for i, w in enumerate(both) if w} == {("output", 4, 0): 0.5, ("input", 8, 0): 2.0}
     weak = blocks.preset_weights("weak middle", SD15_LAYERS)
-    assert [w for k, w in zip(SD15_LAYERS, weak) if k[0] == "middle"] == [blocks.WEAK]
+    assert [w for k, w in zip(SD15_LAYERS, weak, strict=True) if k[0] == "middle"] == [blocks.WEAK]
     ease = blocks.preset_weights("ease in", SD15_LAYERS)
     order = blocks.depth_order(SD15_LAYERS)
     assert [ease[i] for i in order] == sorted(ease) and ease[order[0]] == blocks.EASE_FLOOR and ease[order[-1]] == 1.0
@@ -158,7 +161,8 @@ def test_image_preparation():
     padded = images.square(img, "pad")
     assert padded.shape == (2, 100, 100, 3) and torch.equal(padded[:, 30:70], img) and padded[0, 0, 0, 0] == 0.5
     tall = img.transpose(1, 2)
-    assert torch.equal(images.square(tall, "top"), tall[:, :40]) and torch.equal(images.square(tall, "bottom"), tall[:, 60:])
+    assert torch.equal(images.square(tall, "top"), tall[:, :40])
+    assert torch.equal(images.square(tall, "bottom"), tall[:, 60:])
     t = images.tiles(img)
     assert t.shape == (6, 40, 40, 3) and torch.equal(t[0], img[0, :, :40]) and torch.equal(t[2], img[0, :, 60:])
     gray = images.check_image(torch.rand(1, 8, 8, 1))
@@ -212,3 +216,13 @@ def test_patch_uses_cond_and_uncond_tokens_per_chunk_and_caches_kv():
     assert adapter.reads == 1 and len(inner_calls) == 4
     stacked = attention.IPAttentionPatch(1, attention.IPApplication(adapter, cond, uncond), patch)
     assert [a.weight for a in stacked.applications()] == [0.5, 1.0]
+
+
+def test_one_reference_per_latent_pads_with_the_last():
+    from ipadapter_pack.ip_adapter_core.batching import pad_batch
+
+    refs = torch.arange(2.0).view(2, 1, 1)
+    assert pad_batch(refs, 4, "refs").flatten().tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert pad_batch(refs[:1], 3, "refs").flatten().tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(ValueError, match="2 refs for a batch of 1 latents"):
+        pad_batch(refs, 1, "refs")

@@ -34,7 +34,10 @@ def processor_blocks(unet_config: dict, comfy_config: dict) -> list[tuple[str, i
 def test_layer_map_matches_diffusers_order(base, comfy_inprocess):
     from ipadapter_pack.ip_adapter_core.layout import SD15_LAYERS, SDXL_LAYERS
 
-    ours, configs = {"SD1.5": (SD15_LAYERS, (SD15_UNET, SD15_COMFY)), "SDXL": (SDXL_LAYERS, (SDXL_UNET, SDXL_COMFY))}[base]
+    ours, configs = {
+        "SD1.5": (SD15_LAYERS, (SD15_UNET, SD15_COMFY)),
+        "SDXL": (SDXL_LAYERS, (SDXL_UNET, SDXL_COMFY)),
+    }[base]
     assert list(ours) == processor_blocks(*configs)
     assert ("middle", 0, 0) in ours and len(ours) == {"SD1.5": 16, "SDXL": 70}[base]
 

@@ -102,7 +102,8 @@ def test_apply_patches_every_layer_and_never_the_input(pack, models, sd15):
     assert [a.weight for a in table[("middle", 0, 0)].applications()] == [0.8, 0.4]
     # the stacked model loads one copy of the weights, shared by both applications
     assert table[("input", 1, 0)].models() == [adapter.patcher]
-    assert one.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)].applications()[0].weight == 0.8
+    first = one.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert first.applications()[0].weight == 0.8
     # ComfyUI deep-copies model options on every clone: the adapter weights must not follow
     clone_table = two.clone().model_options["transformer_options"]["patches_replace"]["attn2"]
     shared = clone_table[("input", 1, 0)].applications()[0].adapter.key_value(0).to_k_ip.weight
@@ -184,5 +185,6 @@ def test_encoder_width_mismatch_is_named(pack, models, comfy_inprocess):
     vit_l = comfy.clip_vision.load(str(models["clip_vision/vit_l.safetensors"]))
     encode = pack.NODE_CLASS_MAPPINGS["IPAdapterExactEncode"]()
     base, _ = load(pack, models, "sd15_tiny_base.safetensors")
-    with pytest.raises(ValueError, match=r"expects ViT-H image_embeds of 1024, the CLIP vision model gives 768 \(ViT-L\)"):
+    expected = r"expects ViT-H image_embeds of 1024, the CLIP vision model gives 768 \(ViT-L\)"
+    with pytest.raises(ValueError, match=expected):
         encode.encode(base, vit_l, torch.rand(1, 64, 64, 3), "center", "reference (zero)")
