@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 CROP_MODES = ("center", "top", "bottom", "left", "right", "pad", "squash")
+MAX_TILES = 16  # per image: each tile is one CLIP encode and adds its tokens
 
 
 def check_image(image: torch.Tensor) -> torch.Tensor:
@@ -61,6 +62,9 @@ def tiles(image: torch.Tensor) -> torch.Tensor:
     _, h, w, _ = image.shape
     side = min(h, w)
     count = max(1, math.ceil(max(h, w) / side))
+    if count > MAX_TILES:
+        raise ValueError(f"a {w}x{h} image would make {count} tiles (at most {MAX_TILES}): crop or pad it instead, "
+                         "or cut it to an aspect ratio of at most 1:16")
     starts = [round(i * (max(h, w) - side) / max(count - 1, 1)) for i in range(count)]
     out = [image[:, s : s + side, :, :] if h > w else image[:, :, s : s + side, :] for s in starts]
     return torch.stack(out, dim=1).flatten(0, 1)

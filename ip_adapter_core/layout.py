@@ -97,8 +97,14 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
     return parts
 
 
-def _shape(sd: dict[str, torch.Tensor], key: str) -> tuple[int, ...]:
-    return tuple(sd[key].shape)
+def _shape(sd: dict[str, torch.Tensor], key: str, rank: int | None = None) -> tuple[int, ...]:
+    """The shape of image_proj tensor `key`, refusing a missing tensor or one of the wrong rank."""
+    if key not in sd:
+        raise AdapterFormatError(f"image_proj.{key} is missing: the projection weights are incomplete")
+    shape = tuple(sd[key].shape)
+    if rank is not None and len(shape) != rank:
+        raise AdapterFormatError(f"image_proj.{key} has shape {list(shape)}; expected {rank} dimensions")
+    return shape
 
 
 def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
@@ -145,9 +151,9 @@ def _detect_base(ip: dict[str, torch.Tensor]) -> tuple[str, tuple[BlockKey, ...]
 
 
 def _detect_linear(proj, base_model, layers, context_dim) -> AdapterSpec:
-    out_dim, embed_dim = _shape(proj, "proj.weight")
+    out_dim, embed_dim = _shape(proj, "proj.weight", 2)
     tokens, rest = divmod(out_dim, context_dim)
-    if rest or _shape(proj, "norm.weight") != (context_dim,):
+    if rest or _shape(proj, "norm.weight", 1) != (context_dim,):
         raise AdapterFormatError(
             f"image_proj.proj.weight is {out_dim}x{embed_dim}: not a whole number of "
             f"{context_dim}-wide tokens for {base_model}"
@@ -160,9 +166,9 @@ def _detect_linear(proj, base_model, layers, context_dim) -> AdapterSpec:
 
 
 def _detect_resampler(proj, base_model, layers, context_dim) -> AdapterSpec:
-    _, tokens, dim = _shape(proj, "latents")
-    _, embed_dim = _shape(proj, "proj_in.weight")
-    out_dim = _shape(proj, "proj_out.weight")[0]
+    _, tokens, dim = _shape(proj, "latents", 3)
+    _, embed_dim = _shape(proj, "proj_in.weight", 2)
+    out_dim = _shape(proj, "proj_out.weight", 2)[0]
     if out_dim != context_dim:
         raise AdapterFormatError(
             f"image_proj.proj_out gives {out_dim}-wide tokens but the ip_adapter layers take "
@@ -178,10 +184,11 @@ def _detect_resampler(proj, base_model, layers, context_dim) -> AdapterSpec:
 
 
 def _detect_mlp(proj, base_model, layers, context_dim) -> AdapterSpec:
-    _, embed_dim = _shape(proj, "proj.0.weight")
-    if _shape(proj, "proj.2.weight")[0] != context_dim:
+    _, embed_dim = _shape(proj, "proj.0.weight", 2)
+    width = _shape(proj, "proj.2.weight", 2)[0]
+    if width != context_dim:
         raise AdapterFormatError(
-            f"image_proj.proj.2 gives {_shape(proj, 'proj.2.weight')[0]}-wide tokens but the "
+            f"image_proj.proj.2 gives {width}-wide tokens but the "
             f"ip_adapter layers take {context_dim} ({base_model})"
         )
     return AdapterSpec(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import zipfile
 
 import torch
@@ -32,15 +33,23 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's message is long and explains how to load the file unsafely: keep only what was refused.
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if refused is None:
+            raise AdapterFormatError(f"{name} is not a readable torch file (truncated or corrupt?)") from e
         raise AdapterFormatError(
-            f"{name} was refused: its pickle holds more than tensors (possibly code), and this pack "
-            f"loads .bin files with weights_only=True only. Convert it to .safetensors. ({e})"
+            f"{name} was refused: its pickle holds more than tensors (possibly code: it calls "
+            f"{refused[1]}), and this pack loads .bin files with weights_only=True only. Nothing of it was run; "
+            "convert the file to .safetensors from a source you trust."
         ) from e
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
         raise AdapterFormatError(f"{name} is not a readable torch file (truncated or corrupt?): {e}") from e
     if not isinstance(data, dict):
         raise AdapterFormatError(f"{name} holds a {type(data).__name__}, not a dict of tensors")
-    return _flatten(data)
+    try:
+        return _flatten(data)
+    except AdapterFormatError as e:
+        raise AdapterFormatError(f"{name}: {e}") from e
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -83,10 +92,30 @@ def load_embeds(path: str) -> ImageEmbeds:
             metadata = f.metadata() or {}
             if metadata.get("format") != EMBEDS_FORMAT:
                 raise AdapterFormatError(f"{name} is not an embeddings file saved by this pack")
+            missing = [k for k in ("cond", "uncond") if k not in f.keys()]
+            if missing:
+                raise AdapterFormatError(f"{name} has no {' and no '.join(missing)} tensor (damaged file)")
             cond, uncond = f.get_tensor("cond"), f.get_tensor("uncond")
     except (SafetensorError, OSError) as e:
         raise AdapterFormatError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
-    output = metadata.get("output")
-    if output not in ("image_embeds", "penultimate") or cond.shape[-1] != int(metadata.get("width", -1)):
-        raise AdapterFormatError(f"{name}: its metadata does not describe its tensors (damaged file)")
-    return ImageEmbeds(cond.float(), uncond.float(), output)
+    _check_embeds(name, metadata, cond, uncond)
+    return ImageEmbeds(cond.float(), uncond.float(), metadata["output"])
+
+
+def _check_embeds(name: str, metadata: dict, cond: torch.Tensor, uncond: torch.Tensor) -> None:
+    """Metadata and tensors of an embeddings file must agree: [N, D] image_embeds or [N, T, D] penultimate."""
+    output, width = metadata.get("output"), metadata.get("width", "")
+    rank = {"image_embeds": 2, "penultimate": 3}.get(output)
+    if rank is None or not width.isdigit() or cond.ndim != rank or cond.shape[-1] != int(width) or not cond.shape[0]:
+        raise AdapterFormatError(
+            f"{name}: its metadata (output={output!r}, width={width!r}) does not describe its cond tensor "
+            f"{list(cond.shape)} (damaged file)"
+        )
+    if uncond.shape[1:] != cond.shape[1:] or uncond.shape[0] not in (1, cond.shape[0]):
+        raise AdapterFormatError(
+            f"{name}: uncond {list(uncond.shape)} does not match cond {list(cond.shape)} (damaged file)"
+        )
+    if not (cond.is_floating_point() and uncond.is_floating_point()):
+        raise AdapterFormatError(f"{name}: the encodings are {cond.dtype}/{uncond.dtype}, not floating point")
+    if not (torch.isfinite(cond).all() and torch.isfinite(uncond).all()):
+        raise AdapterFormatError(f"{name}: the encodings hold NaN or infinite values (damaged file)")

@@ -47,13 +47,16 @@ class IPAdapterModel(nn.Module):
         with torch.device("meta"):
             model = cls(spec, parts)
         flat = {f"{head}.{k}": v for head, sd in parts.items() for k, v in sd.items()}
+        for name, tensor in flat.items():
+            if not tensor.is_floating_point():
+                raise AdapterFormatError(f"{name} holds {tensor.dtype} values; adapter weights are floating point "
+                                         "(fp32, fp16 or bf16): the file is damaged or not an IP-Adapter")
+            if not torch.isfinite(tensor).all():
+                raise AdapterFormatError(f"{name} holds NaN or infinite values: the file is damaged")
         try:
             model.load_state_dict(flat, strict=True, assign=True)
         except RuntimeError as e:
             raise AdapterFormatError(f"weights do not fit a {spec.describe()}: {e}") from e
-        for name, tensor in flat.items():
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                raise AdapterFormatError(f"{name} holds NaN or infinite values: the file is damaged")
         return model.eval().requires_grad_(False)
 
     def key_value(self, layer_index: int) -> IPKeyValue:

@@ -13,9 +13,11 @@ from .controls import (
 from .encode import EncodeIPAdapterImage
 from .host import register_model_folder
 from .loader import LoadIPAdapter
+from .routes import register_routes
 
 register_model_folder()
 register_embeds_folder()
+register_routes()
 
 # Ids are our own (another popular pack owns the IPAdapter* names without "Exact").
 NODES = {

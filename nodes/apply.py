@@ -14,10 +14,11 @@ START = ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.01,
                    "tooltip": "Fraction of the sampling schedule at which the adapter starts acting."})
 END = ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01,
                  "tooltip": "Fraction of the sampling schedule after which the adapter stops acting."})
-WEIGHT_TYPE = (WEIGHT_TYPES, {"default": "V only",
+# Choices are lists: ComfyUI checks a submitted value against the options only when they are a list.
+WEIGHT_TYPE = (list(WEIGHT_TYPES), {"default": "V only",
                               "tooltip": "How the weight acts: on the output (V only, as diffusers' scale), on keys "
                                          "and values (K+V), optionally with a channel penalty C/1280."})
-COMBINE = (COMBINE_MODES, {"default": "concat",
+COMBINE = (list(COMBINE_MODES), {"default": "concat",
                            "tooltip": "With several references: concat attends to all tokens; the others merge "
                                       "the encodings (add, first minus the rest, mean, norm-weighted mean)."})
 

@@ -75,7 +75,8 @@ def encode_embeds(clip_vision, image, spec: AdapterSpec, crop: str, negative: st
     if negative_image is not None:
         uncond = encode(clip_vision, negative_image, spec, crop)
         if uncond.shape[0] not in (1, cond.shape[0]):
-            raise ValueError(f"{uncond.shape[0]} negative images for {cond.shape[0]} references; give 1 or {cond.shape[0]}")
+            raise ValueError(
+                f"{uncond.shape[0]} negative images for {cond.shape[0]} references; give 1 or {cond.shape[0]}")
     else:
         uncond = unconditional(clip_vision, spec, negative)
     return ImageEmbeds(cond, uncond, spec.encoder_output)

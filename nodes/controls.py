@@ -13,7 +13,7 @@ from ..models.files import load_embeds, save_embeds
 from .apply import END, START, WEIGHT, WEIGHT_TYPE
 from .apply_logic import apply_adapter
 from .clip_encode import encode_embeds
-from .loader import CATEGORY
+from .loader import CATEGORY, file_stamp
 
 EMBEDS_FOLDER = "ipadapter_embeds"
 
@@ -38,12 +38,14 @@ class IPAdapterLayerWeights:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IP_ADAPTER_LAYER_WEIGHTS",)
     RETURN_NAMES = ("layer_weights",)
+    OUTPUT_TOOLTIPS = ("Per-layer multipliers, for the layer_weights input of Apply IP-Adapter.",)
     FUNCTION = "build"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {
-            "preset": (PRESETS, {"default": "linear", "tooltip": "How the weight is spread over the UNet's layers."}),
+            "preset": (list(PRESETS), {"default": "linear",
+                                       "tooltip": "How the weight is spread over the UNet's layers."}),
             "table": ("STRING", {"default": "", "multiline": True, "tooltip": TABLE_TOOLTIP}),
             "block_dict": ("STRING", {"default": "", "multiline": True, "tooltip": DICT_TOOLTIP}),
         }}
@@ -58,6 +60,7 @@ class IPAdapterStyleComposition:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("MODEL",)
     RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with both image prompts attached.",)
     FUNCTION = "apply"
 
     @classmethod
@@ -95,13 +98,17 @@ class IPAdapterCombineEmbeds:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IP_ADAPTER_EMBEDS",)
     RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("The combined encodings, for Apply IP-Adapter.",)
     FUNCTION = "combine"
 
     @classmethod
     def INPUT_TYPES(cls):
         embeds = ("IP_ADAPTER_EMBEDS", {"tooltip": "Encodings from IP-Adapter Encode Image."})
         return {
-            "required": {"embeds_1": embeds, "method": (COMBINE_MODES, {"default": "concat"})},
+            "required": {"embeds_1": embeds, "method": (list(COMBINE_MODES), {
+                "default": "concat",
+                "tooltip": "concat keeps every reference's tokens; add, subtract (first minus the rest), "
+                           "average and norm average merge them into one."})},
             "optional": {"embeds_2": embeds, "embeds_3": embeds, "embeds_4": embeds},
         }
 
@@ -118,6 +125,7 @@ class IPAdapterNoiseImage:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("A 224 px noise image (or the given image with noise blended in).",)
     FUNCTION = "make"
 
     @classmethod
@@ -166,12 +174,17 @@ class IPAdapterLoadEmbeds:
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IP_ADAPTER_EMBEDS",)
     RETURN_NAMES = ("image_embeds",)
+    OUTPUT_TOOLTIPS = ("The saved encodings, as IP-Adapter Encode Image gives them.",)
     FUNCTION = "load"
 
     @classmethod
     def INPUT_TYPES(cls):
         return {"required": {"embeds_file": (folder_paths.get_filename_list(EMBEDS_FOLDER),
                                              {"tooltip": "A saved embeddings file."})}}
+
+    @classmethod
+    def IS_CHANGED(cls, embeds_file: str) -> str:
+        return file_stamp(EMBEDS_FOLDER, embeds_file)
 
     def load(self, embeds_file: str):
         return (load_embeds(folder_paths.get_full_path_or_raise(EMBEDS_FOLDER, embeds_file)),)

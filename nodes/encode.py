@@ -35,11 +35,12 @@ class EncodeIPAdapterImage:
                 "ipadapter": ("IP_ADAPTER", {"tooltip": "The adapter: decides which encoder output is used."}),
                 "clip_vision": ("CLIP_VISION", {"tooltip": "The CLIP vision model the adapter was trained with."}),
                 "image": ("IMAGE", {"tooltip": "Reference image(s); each image of a batch is one reference."}),
-                "crop": (CROP_CHOICES, {"default": "center", "tooltip": TOOLTIPS["crop"]}),
-                "negative": (NEGATIVE_MODES, {"default": NEGATIVE_MODES[0], "tooltip": TOOLTIPS["negative"]}),
+                "crop": (list(CROP_CHOICES), {"default": "center", "tooltip": TOOLTIPS["crop"]}),
+                "negative": (list(NEGATIVE_MODES), {"default": NEGATIVE_MODES[0], "tooltip": TOOLTIPS["negative"]}),
             },
             "optional": {
-                "negative_image": ("IMAGE", {"tooltip": "An explicit negative image (e.g. noise); overrides 'negative'."}),
+                "negative_image": ("IMAGE", {
+                    "tooltip": "An explicit negative image (e.g. noise); overrides 'negative'."}),
             },
         }
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import threading
 from dataclasses import dataclass
 
+import comfy.ldm.modules.attention as comfy_attention
 import comfy.model_management
 import comfy.model_patcher
-import comfy.ldm.modules.attention as comfy_attention
 import folder_paths
 import torch
 
@@ -82,8 +83,21 @@ class AdapterCache:
             log.info("loaded %s: %s", loaded.name, model.spec.describe())
             return loaded
 
+    def cached_files(self) -> list[str]:
+        """Base names of the files whose weights the cache holds, one entry per path."""
+        with self._lock:
+            return sorted(loaded.name for _, loaded in self._entries.values())
+
     def live_copies(self) -> int:
-        return len(self._entries)
+        """Adapter weight sets alive in this process, found by the garbage collector.
+
+        Counts every IPAdapterModel, not just the cached ones, so a copy kept alive somewhere
+        else (a stale patch, a deep copy) shows up. One per distinct file is the healthy figure.
+        """
+        return sum(1 for obj in gc.get_objects() if type(obj) is IPAdapterModel)  # no __class__ proxies
+
+    def stats(self) -> dict:
+        return {"files_read": self.reads, "live_adapters": self.live_copies(), "cached_files": self.cached_files()}
 
 
 ADAPTERS = AdapterCache()

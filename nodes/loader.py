@@ -25,7 +25,8 @@ class LoadIPAdapter:
     def INPUT_TYPES(cls):
         return {"required": {
             "ipadapter_file": (folder_paths.get_filename_list(ADAPTER_FOLDER), {
-                "tooltip": "An IP-Adapter file in models/ipadapter (or an 'ipadapter' path of extra_model_paths.yaml)."}),
+                "tooltip": "An IP-Adapter file in models/ipadapter "
+                           "(or an 'ipadapter' path of extra_model_paths.yaml)."}),
         }}
 
     @classmethod

@@ -46,4 +46,30 @@ PYEOF
         rm -rf "$tmp"
     fi
 fi
+# The browser test (tests/test_browser.py) drives the real ComfyUI frontend in Debian's headless
+# Chromium through Playwright; Playwright's own browser download is never used.
+CHROMIUM=${IPADAPTER_CHROMIUM:-/usr/bin/chromium}
+if [ ! -x "$CHROMIUM" ]; then
+    if ! command -v apt-get >/dev/null 2>&1; then
+        log "ERROR: $CHROMIUM is missing and there is no apt-get to install Debian's chromium;"
+        log "       install Chromium yourself and set IPADAPTER_CHROMIUM to its path"
+        exit 1
+    fi
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then
+        if command -v sudo >/dev/null 2>&1; then SUDO="sudo"; else
+            log "ERROR: installing chromium needs root (or sudo): apt-get install chromium"
+            exit 1
+        fi
+    fi
+    log "installing Debian's chromium for the browser test (apt-get)"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium; } >/dev/null; then
+        log "ERROR: apt-get could not install chromium (see the messages above)"
+        exit 1
+    fi
+    if [ ! -x "$CHROMIUM" ]; then
+        log "ERROR: chromium installed but $CHROMIUM is not there"
+        exit 1
+    fi
+fi
 log "ready"

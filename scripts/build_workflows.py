@@ -154,9 +154,11 @@ class Graph:
                 "flags": {}, "order": len(ui_nodes), "mode": 0, "inputs": [], "outputs": [],
                 "properties": {}, "widgets_values": [f"## {title}\n\n{text}"], "title": "Read me",
             })
+        # ds: the opening view; the offset keeps the first column clear of the frontend's side bar
+        # and the "Read me" note below its top bar.
         return {
             "last_node_id": len(ui_nodes), "last_link_id": len(links), "nodes": ui_nodes, "links": links,
-            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 300]}}, "version": 0.4,
+            "groups": [], "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [100, 330]}}, "version": 0.4,
         }
 
 

@@ -165,6 +165,8 @@ def test_image_preparation():
     assert torch.equal(images.square(tall, "bottom"), tall[:, 60:])
     t = images.tiles(img)
     assert t.shape == (6, 40, 40, 3) and torch.equal(t[0], img[0, :, :40]) and torch.equal(t[2], img[0, :, 60:])
+    with pytest.raises(ValueError, match="would make 100 tiles"):
+        images.tiles(torch.zeros(1, 10, 1000, 3))
     gray = images.check_image(torch.rand(1, 8, 8, 1))
     assert gray.shape == (1, 8, 8, 3)
     assert images.check_image(torch.full((1, 4, 4, 4), 2.0)).max() == 1.0

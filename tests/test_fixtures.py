@@ -208,6 +208,26 @@ def test_sd15_tiny_samples_finite(sd15, sd15_base):
     assert image.shape == (1, 128, 128, 3) and torch.isfinite(image).all()
 
 
+def test_decoded_stand_in_images_have_a_real_spread(sd15, sd15_base):
+    """A sampled latent decodes to a picture with values across the range, not a flat black one,
+    and another latent to another picture (the end-to-end tests compare saved PNGs)."""
+    model, clip, vae, _ = sd15
+    positive, negative, out = sd15_base
+    other = sample(model, positive, negative, seed=1)
+    with torch.inference_mode():
+        images = vae.decode(torch.cat([out, other]))
+    assert images.shape == (2, 128, 128, 3)
+    for image in images:
+        clipped = float(((image <= 0.0) | (image >= 1.0)).float().mean())
+        assert float(image.std()) > 0.05, f"std {float(image.std()):.4f}: decoded picture is flat"
+        assert clipped < 0.10, f"{clipped:.1%} of the values are clipped to 0 or 1 (saturated)"
+        assert 0.2 < float(image.mean()) < 0.8, float(image.mean())
+        assert all(float(image[..., c].std()) > 0.02 for c in range(3)), "a colour channel is flat"
+    # 8-bit pictures of two latents differ clearly (a difference in the latent reaches the PNG).
+    as_bytes = (images * 255).round()
+    assert float((as_bytes[0] - as_bytes[1]).abs().mean()) > 5.0
+
+
 # ---- LoRA and ControlNet --------------------------------------------------------------------
 
 
