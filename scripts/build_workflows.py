@@ -131,6 +131,8 @@ class Graph:
             col = depth[node.id]
             y = column_y.get(col, 60)
             height = 60 + 26 * (len(inputs) + len(widgets) + len(node.outputs))
+            if node.type == "LoadImage":
+                height += 240  # room for the picture preview the frontend draws inside the node
             column_y[col] = y + height + 40
             ui = {
                 "id": node.id, "type": node.type, "pos": [40 + 340 * col, y], "size": [300, height],

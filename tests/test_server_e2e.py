@@ -152,7 +152,10 @@ def test_pack_nodes_are_listed(comfy_server):
 
 
 def test_pack_imported_cleanly(comfy_server):
-    log = comfy_server.log_text()
+    # Only the start-up part of the log: the shared server later runs the hostile-input tests,
+    # whose refusals ComfyUI logs with tracebacks on purpose.
+    log = comfy_server.log_text().split("\nStarting server", 1)[0]
+    assert "Import times for custom nodes" in log, "the server log has no start-up section"
     # The pack as ComfyUI sees it (custom_nodes/<name>) or its real path; not ComfyUI's own copy in .cache/.
     mentions_pack = re.compile(rf"{re.escape(PACK_DIR_NAME)}|{re.escape(str(REPO))}/(?!\.cache/|\.venv/)").search
     bad = [line for line in log.splitlines()
