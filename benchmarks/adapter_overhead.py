@@ -33,13 +33,9 @@ def setup_imports() -> None:
     tests = types.ModuleType("tests")
     tests.__path__ = [str(REPO / "tests")]
     sys.modules["tests"] = tests
-    from tests.harness import comfy_host, torchvision_cpu
+    from tests.fixtures.generate import import_comfy
 
-    sys.path.append(str(comfy_host.comfy_dir()))
-    torchvision_cpu.install()
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
+    import_comfy()
 
 
 def rss_mib() -> float:

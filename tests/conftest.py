@@ -198,3 +198,29 @@ def comfy_server(models, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_inprocess):
+    """The pack's nodes package, in-process (after ComfyUI itself has loaded the pack once)."""
+    comfy_inprocess.load_pack()
+    from ipadapter_pack import nodes
+
+    return nodes
+
+
+@pytest.fixture(scope="session")
+def sd15(comfy_inprocess, models):
+    """The SD1.5 stand-in checkpoint's MODEL, loaded once for the in-process tests."""
+    import comfy.sd
+
+    path = models["checkpoints/sd15_tiny.safetensors"]
+    return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+
+
+@pytest.fixture(scope="session")
+def vit_h(comfy_inprocess, models):
+    """The ViT-H stand-in CLIP_VISION, loaded once (1.2 GB)."""
+    import comfy.clip_vision
+
+    return comfy.clip_vision.load(str(models["clip_vision/vit_h.safetensors"]))

@@ -344,29 +344,6 @@ def test_the_corpus_is_large_enough():
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_inprocess):
-    comfy_inprocess.load_pack()
-    from ipadapter_pack import nodes
-
-    return nodes
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy_inprocess, models):
-    import comfy.sd
-
-    path = models["checkpoints/sd15_tiny.safetensors"]
-    return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
-
-
-@pytest.fixture(scope="module")
-def vit_h(comfy_inprocess, models):
-    import comfy.clip_vision
-
-    return comfy.clip_vision.load(str(models["clip_vision/vit_h.safetensors"]))
-
-
-@pytest.fixture(scope="module")
 def adapters(pack, models):
     loader = pack.NODE_CLASS_MAPPINGS["IPAdapterExactLoader"]()
     names = ("sd15_tiny_base.safetensors", "sd15_tiny_plus.safetensors")

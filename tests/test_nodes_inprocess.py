@@ -11,35 +11,11 @@ import torch
 
 
 @pytest.fixture(scope="module")
-def pack(comfy_inprocess):
-    comfy_inprocess.load_pack()
-    from ipadapter_pack import nodes
-
-    return nodes
-
-
-@pytest.fixture(scope="module")
-def sd15(comfy_inprocess, models):
-    import comfy.sd
-
-    path = models["checkpoints/sd15_tiny.safetensors"]
-    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=False)
-    return model
-
-
-@pytest.fixture(scope="module")
 def sdxl(comfy_inprocess, models):
     import comfy.sd
 
     path = models["checkpoints/sdxl_tiny.safetensors"]
     return comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
-
-
-@pytest.fixture(scope="module")
-def vit_h(comfy_inprocess, models):
-    import comfy.clip_vision
-
-    return comfy.clip_vision.load(str(models["clip_vision/vit_h.safetensors"]))
 
 
 def load(pack, models, name):
