@@ -45,10 +45,10 @@ def rss_mib() -> float:
 
 
 class ImagePathTimer:
-    """Wraps IPApplication.__call__ to add up the seconds spent in the image term."""
+    """Wraps IPApplication.image_term to add up the seconds spent in the image term."""
 
     def __init__(self, cls):
-        self.cls, self.original, self.seconds = cls, cls.__call__, 0.0
+        self.cls, self.original, self.seconds = cls, cls.image_term, 0.0
 
     def __enter__(self):
         timer = self
@@ -60,11 +60,11 @@ class ImagePathTimer:
             finally:
                 timer.seconds += time.perf_counter() - start
 
-        self.cls.__call__ = timed
+        self.cls.image_term = timed
         return self
 
     def __exit__(self, *exc):
-        self.cls.__call__ = self.original
+        self.cls.image_term = self.original
 
 
 def adapter_weight_bytes(models) -> int:
@@ -92,10 +92,10 @@ def main() -> None:
 
     from ipadapter_pack.ip_adapter_core.attention import IPApplication
     from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
-    from ipadapter_pack.nodes.apply_logic import apply_adapter
-    from ipadapter_pack.nodes.host import ADAPTERS
+    from ipadapter_pack.nodes.apply import apply_adapter
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
     from tests.fixtures.generate import adapter_state_dict
-    from tests.reference_unets import build_pair, comfy_forward
+    from tests.harness.reference_unets import build_pair, comfy_forward
 
     with torch.inference_mode():
         pair = build_pair("SD1.5", seed=0)

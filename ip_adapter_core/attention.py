@@ -1,17 +1,16 @@
-"""The image half of decoupled cross-attention, as a patch for one cross-attention layer.
+"""The image half of decoupled cross-attention, for one adapter on one model.
 
     out = TextAttention(q, k, v) + w * Attention(q, K_ip, V_ip)          (before to_out)
 
-`IPAttentionPatch` is the callable a host places on a cross-attention layer: it receives the
-layer's already projected q, k, v and returns the attention output. It is pure torch: the text
-attention it adds to is handed in (the host's own kernel, or the patch that was there before),
-so several adapters stack by wrapping one another.
+`IPApplication` holds one adapter's image tokens, weights and controls, and computes the image
+term for a layer from the layer's projected queries. It is plain torch with explicit arguments:
+how a host calls a layer (its option dicts, its cond/uncond codes) is translated by the host
+seam (`nodes/comfy_seam.py` for ComfyUI), never read here.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -21,12 +20,8 @@ from einops import rearrange, repeat
 
 from .batching import pad_batch
 from .masks import mask_for_queries
-from .schedule import SigmaRange
-
-AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, dict], torch.Tensor]
 
 WEIGHT_TYPES = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
-CONDITIONAL, UNCONDITIONAL = 0, 1  # ComfyUI's cond_or_uncond values
 
 
 class KeyValueWeights(Protocol):
@@ -78,20 +73,18 @@ class IPApplication:
     weight: float = 1.0
     weight_type: str = "V only"
     layer_weights: Sequence[float] | None = None  # one multiplier per adapter layer
-    sigmas: SigmaRange = field(default_factory=SigmaRange)
     mask: torch.Tensor | None = None  # [1 or batch, H, W] in [0, 1]
-    host_models: tuple = ()  # host-managed weight containers, reported to the host's loader
     _kv_cache: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.weight_type not in WEIGHT_TYPES:
+            raise ValueError(f"unknown weight type {self.weight_type!r}; expected one of {', '.join(WEIGHT_TYPES)}")
 
     def __deepcopy__(self, memo: dict) -> IPApplication:
         # Hosts deep-copy model options on every clone (ComfyUI does); an application is
         # read-only configuration plus shared weights, so clones share it instead of copying
         # the adapter weights and tokens once per clone.
         return self
-
-    def __post_init__(self) -> None:
-        if self.weight_type not in WEIGHT_TYPES:
-            raise ValueError(f"unknown weight type {self.weight_type!r}; expected one of {', '.join(WEIGHT_TYPES)}")
 
     def layer_weight(self, layer_index: int) -> float:
         scale = 1.0 if self.layer_weights is None else float(self.layer_weights[layer_index])
@@ -114,59 +107,23 @@ class IPApplication:
             self._kv_cache[layer_index] = tuple(out)
         return self._kv_cache[layer_index]
 
-    def __call__(self, layer_index: int, q: torch.Tensor, extra_options: dict) -> torch.Tensor | None:
-        """The image attention term for this layer, or None where the adapter is off."""
+    def image_term(self, layer_index: int, q: torch.Tensor, heads: int, chunk_is_cond: Sequence[bool],
+                   latent_hw: tuple[int, int] | None = None) -> torch.Tensor | None:
+        """The weighted image attention for one layer, or None where this layer's weight is 0.
+
+        q: [len(chunk_is_cond) * batch, N, C], the layer's queries; the batch is made of equal
+        chunks, each wholly conditional (True) or unconditional (False). latent_hw: the latent's
+        (height, width), needed only with a mask.
+        """
         weight = self.layer_weight(layer_index)
-        if weight == 0.0 or not self.sigmas.contains(extra_options.get("sigmas")):
+        if weight == 0.0:
             return None
-        chunks = extra_options.get("cond_or_uncond") or [CONDITIONAL]
-        batch = q.shape[0] // len(chunks)
+        batch = q.shape[0] // len(chunk_is_cond)
         k_c, v_c, k_u, v_u = self.key_values(layer_index, q)
-        k_ip = torch.cat([_per_latent(k_c if c == CONDITIONAL else k_u, batch) for c in chunks])
-        v_ip = torch.cat([_per_latent(v_c if c == CONDITIONAL else v_u, batch) for c in chunks])
-        out = weighted_ip_attention(q, k_ip, v_ip, extra_options["n_heads"], weight, self.weight_type)
+        k_ip = torch.cat([pad_batch(k_c if c else k_u, batch, "reference embeddings") for c in chunk_is_cond])
+        v_ip = torch.cat([pad_batch(v_c if c else v_u, batch, "reference embeddings") for c in chunk_is_cond])
+        out = weighted_ip_attention(q, k_ip, v_ip, heads, weight, self.weight_type)
         if self.mask is not None:
-            mask = mask_for_queries(self.mask, extra_options["original_shape"], q.shape[1], batch)
-            out = out * repeat(mask.to(out), "b n -> (c b) n 1", c=len(chunks))
+            mask = mask_for_queries(self.mask, latent_hw, q.shape[1], batch)
+            out = out * repeat(mask.to(out), "b n -> (c b) n 1", c=len(chunk_is_cond))
         return out
-
-
-def _per_latent(t: torch.Tensor, batch: int) -> torch.Tensor:
-    """[1 or N, T, C] -> [batch, T, C]: one reference per latent, the last one repeated."""
-    return pad_batch(t, batch, "reference embeddings")
-
-
-class IPAttentionPatch:
-    """A cross-attention replacement for one layer: inner attention plus the image term.
-
-    `inner` is whatever computed this layer's attention before: the host's kernel, or
-    another patch (another adapter, or another pack's patch), so adapters stack.
-    """
-
-    def __init__(self, layer_index: int, application: IPApplication, inner: AttentionFn):
-        self.layer_index = layer_index
-        self.application = application
-        self.inner = inner
-
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
-        out = self.inner(q, k, v, extra_options)
-        image_term = self.application(self.layer_index, q, extra_options)
-        return out if image_term is None else out + image_term.to(out.dtype)
-
-    def __deepcopy__(self, memo: dict) -> IPAttentionPatch:
-        return IPAttentionPatch(self.layer_index, self.application, copy.deepcopy(self.inner, memo))
-
-    # The host moves patches with the model; the weights are host-managed, nothing to copy.
-    def to(self, *args, **kwargs) -> IPAttentionPatch:
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(*args, **kwargs)
-        return self
-
-    def models(self) -> list:
-        inner = self.inner.models() if hasattr(self.inner, "models") else []
-        return list(self.application.host_models) + [m for m in inner if m not in self.application.host_models]
-
-    def applications(self) -> list[IPApplication]:
-        """Every adapter application stacked on this layer, innermost first."""
-        inner = self.inner.applications() if isinstance(self.inner, IPAttentionPatch) else []
-        return inner + [self.application]

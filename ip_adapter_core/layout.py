@@ -5,6 +5,13 @@ order (down blocks, up blocks, mid block; attn1 takes the even numbers, attn2 th
 ComfyUI addresses the same cross-attention layers as `(block_name, block_id, transformer_index)`.
 This module is the one place that maps one onto the other, and that reads a state dict to
 tell which variant it is. Detection never looks at a file name.
+
+FaceID files (insightface ArcFace embeddings) are told apart by their keys and shapes too:
+FaceID and FaceID Portrait have an MLP `proj.0`/`proj.2` + `norm` (Portrait: no LoRA, 16
+tokens), FaceID Plus adds `perceiver_resampler.*`, the "unnorm" Portrait is a Resampler whose
+`proj_in` takes the 512-wide ArcFace embedding. FaceID and FaceID Plus files also carry a LoRA
+for every attention processor (`{i}.to_{q,k,v,out}_lora.{down,up}.weight` in `ip_adapter`).
+FaceID Plus v1 and v2 have the same layout: which one a file is cannot be read from it.
 """
 
 from __future__ import annotations
@@ -42,6 +49,17 @@ ENCODERS = {
 }
 
 
+# The face input of FaceID adapters: insightface's ArcFace recognition embedding.
+ARCFACE_DIM = 512
+FACE_OUTPUTS = {
+    "arcface": "insightface normed_embedding (unit length)",
+    "arcface_raw": "insightface embedding, not normalised",
+}
+LORA_PROJECTIONS = ("to_q", "to_k", "to_v", "to_out")
+# Kolors' text context (ChatGLM hidden states): the width of a Kolors FaceID adapter's image tokens.
+KOLORS_CONTEXT_DIM = 4096
+
+
 def encoder_name(width: int, output: str) -> str:
     """Name the CLIP vision tower whose `output` ('image_embeds' or 'penultimate') is `width` wide."""
     for name, widths in ENCODERS.items():
@@ -55,27 +73,68 @@ def ip_key(layer_index: int) -> str:
     return str(2 * layer_index + 1)
 
 
+def lora_key(processor: int, projection: str, part: str) -> str:
+    """`ip_adapter` key of a FaceID LoRA matrix: processor number (attn1 2n, attn2 2n+1), to_q/k/v/out, down/up."""
+    return f"{processor}.{projection}_lora.{part}.weight"
+
+
 @dataclass(frozen=True)
 class AdapterSpec:
     """What an IP-Adapter state dict is, read from its keys and shapes alone."""
 
-    variant: str  # "base", "plus", "full-face"
+    # "base", "plus", "full-face"; FaceID: "faceid", "faceid-plus" (v1 or v2: one layout),
+    # "faceid-portrait", "faceid-portrait-unnorm"
+    variant: str
     base_model: str  # "SD1.5" or "SDXL"
-    projection: str  # "linear", "resampler", "mlp"
-    encoder: str  # "ViT-H", "ViT-bigG", ...
-    encoder_output: str  # "image_embeds" or "penultimate"
-    embed_dim: int  # width the projection takes
+    # "linear", "resampler", "mlp"; FaceID: "faceid-mlp", "faceid-plus", "faceid-resampler"
+    projection: str
+    encoder: str  # "ViT-H", "ViT-bigG", ...; "ArcFace" for FaceID
+    # "image_embeds" or "penultimate"; FaceID: "arcface" (normed_embedding) or "arcface_raw" (unnorm portrait)
+    encoder_output: str
+    embed_dim: int  # width the projection takes (512 for FaceID: the face embedding)
     context_dim: int  # width of an image token (= the text context width)
-    tokens: int  # image tokens per reference image (257 for full-face: one per patch + class)
+    tokens: int  # image tokens per reference image / per face (257 for full-face: one per patch + class)
     layers: tuple[BlockKey, ...]
     resampler_heads: int = 0
     resampler_depth: int = 0
+    crop_encoder: str = ""  # FaceID Plus: CLIP tower for the aligned face crop ("ViT-H"); "" = no crop
+    crop_embed_dim: int = 0  # FaceID Plus: its penultimate width (1280)
+    lora_rank: int = 0  # rank of the LoRA the file carries for every attention processor; 0 = none
 
     @property
     def uses_hidden_states(self) -> bool:
         return self.encoder_output == "penultimate"
 
+    @property
+    def is_faceid(self) -> bool:
+        return self.encoder_output in FACE_OUTPUTS
+
+    @property
+    def face_input(self) -> str:
+        """"arcface" (insightface normed_embedding) or "arcface_raw" (its embedding); "" if not FaceID."""
+        return self.encoder_output if self.is_faceid else ""
+
+    @property
+    def needs_face_crop(self) -> bool:
+        """FaceID Plus: also takes CLIP penultimate hidden states of the aligned face crop."""
+        return bool(self.crop_encoder)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.lora_rank > 0
+
     def describe(self) -> str:
+        if self.is_faceid:
+            crop = (f" and {self.crop_encoder} penultimate states of the aligned face crop ({self.crop_embed_dim})"
+                    if self.needs_face_crop else "")
+            lora = f", LoRA rank {self.lora_rank} on every attention layer" if self.has_lora else ", no LoRA"
+            plus = "; FaceID Plus v1 and v2 share this layout (v2 = shortcut)" if self.needs_face_crop else ""
+            return (
+                f"IP-Adapter {self.variant} for {self.base_model}: {self.projection} projection of the ArcFace "
+                f"face embedding ({self.embed_dim}, {FACE_OUTPUTS[self.encoder_output]}){crop} into "
+                f"{self.tokens} tokens of {self.context_dim} per face{lora}, {len(self.layers)} "
+                f"cross-attention layers{plus}"
+            )
         return (
             f"IP-Adapter {self.variant} for {self.base_model}: {self.projection} projection of "
             f"{self.encoder} {self.encoder_output} ({self.embed_dim}) into {self.tokens} tokens of "
@@ -110,20 +169,26 @@ def _shape(sd: dict[str, torch.Tensor], key: str, rank: int | None = None) -> tu
 def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
     """Read the variant, base model, encoder and token count from a split state dict."""
     proj, ip = parts.get("image_proj", {}), parts.get("ip_adapter", {})
+    _refuse_kolors_faceid(proj)
     if not proj or not ip:
         missing = " and ".join(n for n, d in (("image_proj", proj), ("ip_adapter", ip)) if not d)
         raise AdapterFormatError(
             f"not an IP-Adapter file: no {missing} weights (an IP-Adapter holds image_proj.* and "
             "ip_adapter.*.to_k_ip/to_v_ip tensors)"
         )
-    if any(k.endswith("_lora.down.weight") for k in ip) or "perceiver_resampler.proj_in.weight" in proj:
-        raise AdapterFormatError(
-            "this is a FaceID IP-Adapter (ArcFace embeddings and a LoRA); FaceID needs insightface "
-            "and is not supported by this pack: use a base, plus, plus-face or full-face adapter"
-        )
 
     base_model, layers, context_dim = _detect_base(ip)
-    if "latents" in proj:
+    if _is_faceid_projection(proj):
+        try:
+            spec = _detect_faceid(proj, ip, base_model, layers, context_dim)
+        except _IncompleteFaceID as e:
+            raise AdapterFormatError(f"incomplete FaceID IP-Adapter (its layout is not supported): {e}") from None
+    elif any("_lora." in k for k in ip):
+        raise AdapterFormatError(
+            "ip_adapter holds LoRA weights (*_lora.down/up, as FaceID files do) but image_proj is not a FaceID "
+            "projection (keys: " + ", ".join(sorted(proj)[:6]) + "): not a FaceID IP-Adapter layout this pack knows"
+        )
+    elif "latents" in proj:
         spec = _detect_resampler(proj, base_model, layers, context_dim)
     elif "proj.0.weight" in proj and "proj.3.weight" in proj:
         spec = _detect_mlp(proj, base_model, layers, context_dim)
@@ -140,7 +205,8 @@ def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
 
 
 def _detect_base(ip: dict[str, torch.Tensor]) -> tuple[str, tuple[BlockKey, ...], int]:
-    numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    # FaceID LoRA keys number every processor (attn1 too); the layer count comes from the IP pairs.
+    numbers = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit() and "_lora." not in k})
     for name, (layers, context_dim) in BASE_MODELS.items():
         if numbers == [int(ip_key(i)) for i in range(len(layers))]:
             return name, layers, context_dim
@@ -148,6 +214,151 @@ def _detect_base(ip: dict[str, torch.Tensor]) -> tuple[str, tuple[BlockKey, ...]
         f"ip_adapter weights cover {len(numbers)} layers; an SD1.5 adapter has 16 (keys 1..31) "
         "and an SDXL adapter 70 (keys 1..139)"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# FaceID
+# --------------------------------------------------------------------------------------------
+
+
+class _IncompleteFaceID(AdapterFormatError):
+    """A FaceID-looking image_proj with a tensor missing or of the wrong rank."""
+
+
+def _is_faceid_projection(proj: dict[str, torch.Tensor]) -> bool:
+    if any(k.startswith("perceiver_resampler.") for k in proj):
+        return True  # FaceID Plus (v1 / v2)
+    if "proj.0.weight" in proj and "norm.weight" in proj and "proj.3.weight" not in proj:
+        return True  # FaceID, FaceID Portrait: MLP + norm (full-face has proj.3 and no norm)
+    weight = proj.get("proj_in.weight")
+    # Portrait "unnorm": a Resampler reading the ArcFace embedding (no CLIP output is 512 wide).
+    return "latents" in proj and weight is not None and weight.ndim == 2 and weight.shape[1] == ARCFACE_DIM
+
+
+def _refuse_kolors_faceid(proj: dict[str, torch.Tensor]) -> None:
+    widths = {
+        proj[k].shape[0]
+        for k in ("norm.weight", "perceiver_resampler.proj_out.weight", "perceiver_resampler.norm_out.weight")
+        if k in proj and proj[k].ndim >= 1
+    }
+    if any(k.startswith("perceiver_resampler.") for k in proj) and KOLORS_CONTEXT_DIM in widths:
+        raise AdapterFormatError(
+            f"this is a Kolors FaceID Plus IP-Adapter: its image tokens are {KOLORS_CONTEXT_DIM} wide (Kolors' "
+            "ChatGLM text width) and reach the UNet through Kolors' own encoder_hid_proj; Kolors is not "
+            "supported by this pack (SD1.5 and SDXL adapters only)"
+        )
+
+
+def _need(sd: dict[str, torch.Tensor], key: str, rank: int) -> tuple[int, ...]:
+    try:
+        return _shape(sd, key, rank)
+    except AdapterFormatError as e:
+        raise _IncompleteFaceID(str(e)) from None
+
+
+def _detect_faceid(proj, ip, base_model, layers, context_dim) -> AdapterSpec:
+    common = dict(base_model=base_model, encoder="ArcFace", context_dim=context_dim, layers=layers,
+                  lora_rank=_detect_lora(ip, layers, context_dim))
+    if "latents" in proj:
+        return _detect_faceid_resampler(proj, base_model, context_dim, common)
+    hidden, face_dim = _need(proj, "proj.0.weight", 2)
+    out_dim, hidden_in = _need(proj, "proj.2.weight", 2)
+    (width,) = _need(proj, "norm.weight", 1)
+    if face_dim != ARCFACE_DIM or hidden_in != hidden:
+        raise AdapterFormatError(
+            f"image_proj.proj.0/proj.2 are {hidden}x{face_dim} and {out_dim}x{hidden_in}: a FaceID projection "
+            f"takes the {ARCFACE_DIM}-wide ArcFace embedding through one hidden layer"
+        )
+    tokens, rest = divmod(out_dim, width)
+    if rest:
+        raise AdapterFormatError(f"image_proj.proj.2 gives {out_dim} values: not a whole number of {width}-wide tokens")
+    if not any(k.startswith("perceiver_resampler.") for k in proj):
+        if width != context_dim:
+            raise AdapterFormatError(
+                f"image_proj.norm gives {width}-wide tokens but the ip_adapter layers take {context_dim} ({base_model})"
+            )
+        variant = "faceid" if common["lora_rank"] else "faceid-portrait"
+        return AdapterSpec(variant=variant, projection="faceid-mlp", encoder_output="arcface",
+                           embed_dim=face_dim, tokens=tokens, **common)
+
+    pr = "perceiver_resampler."
+    dim, crop_dim = _need(proj, pr + "proj_in.weight", 2)
+    out_width = _need(proj, pr + "proj_out.weight", 2)[0]
+    if out_width != context_dim:
+        raise AdapterFormatError(
+            f"image_proj.perceiver_resampler.proj_out gives {out_width}-wide tokens but the ip_adapter layers "
+            f"take {context_dim} ({base_model})"
+        )
+    if not width == dim == out_width:
+        raise AdapterFormatError(
+            f"FaceID Plus face tokens are {width} wide, its perceiver works at {dim} and gives {out_width}: "
+            "they must agree (the v2 shortcut adds face tokens to the perceiver's output)"
+        )
+    depth = len({k.split(".")[2] for k in proj if k.startswith(pr + "layers.")})
+    heads = _need(proj, pr + "layers.0.0.to_q.weight", 2)[0] // 64
+    return AdapterSpec(variant="faceid-plus", projection="faceid-plus", encoder_output="arcface",
+                       embed_dim=face_dim, tokens=tokens, resampler_heads=heads, resampler_depth=depth,
+                       crop_encoder=encoder_name(crop_dim, "penultimate"), crop_embed_dim=crop_dim, **common)
+
+
+def _detect_faceid_resampler(proj, base_model, context_dim, common) -> AdapterSpec:
+    _, tokens, dim = _need(proj, "latents", 3)
+    _, face_dim = _need(proj, "proj_in.weight", 2)
+    out_width = _need(proj, "proj_out.weight", 2)[0]
+    if out_width != context_dim:
+        raise AdapterFormatError(
+            f"image_proj.proj_out gives {out_width}-wide tokens but the ip_adapter layers take {context_dim} "
+            f"({base_model})"
+        )
+    depth = len({k.split(".")[1] for k in proj if k.startswith("layers.")})
+    heads = _need(proj, "layers.0.0.to_q.weight", 2)[0] // 64
+    return AdapterSpec(variant="faceid-portrait-unnorm", projection="faceid-resampler", encoder_output="arcface_raw",
+                       embed_dim=face_dim, tokens=tokens, resampler_heads=heads, resampler_depth=depth, **common)
+
+
+def _detect_lora(ip: dict[str, torch.Tensor], layers: tuple[BlockKey, ...], context_dim: int) -> int:
+    """Rank of the FaceID LoRA in `ip` (0 if none), after checking it covers every processor exactly."""
+    found = {k for k in ip if "_lora." in k}
+    if not found:
+        return 0
+    expected: set[str] = set()
+    rank = None
+    for i in range(len(layers)):
+        kv = ip.get(f"{ip_key(i)}.to_k_ip.weight")
+        if kv is None or kv.ndim != 2:
+            raise AdapterFormatError(f"ip_adapter.{ip_key(i)}.to_k_ip.weight is missing or not a matrix")
+        hidden = kv.shape[0]
+        for processor, kv_in in ((2 * i, hidden), (2 * i + 1, context_dim)):
+            for name in LORA_PROJECTIONS:
+                d_in = kv_in if name in ("to_k", "to_v") else hidden
+                down_key, up_key = lora_key(processor, name, "down"), lora_key(processor, name, "up")
+                expected.update((down_key, up_key))
+                for key in (down_key, up_key):
+                    if key not in ip:
+                        raise AdapterFormatError(
+                            f"ip_adapter.{key} is missing: a FaceID LoRA covers every attention processor "
+                            f"(0..{2 * len(layers) - 1}) with to_q/to_k/to_v/to_out down and up"
+                        )
+                down, up = ip[down_key], ip[up_key]
+                r = down.shape[0] if down.ndim == 2 else -1
+                rank = r if rank is None else rank
+                if down.shape != (rank, d_in) or up.shape != (hidden, rank):
+                    raise AdapterFormatError(
+                        f"ip_adapter.{down_key} / .up have shapes {list(down.shape)} / {list(up.shape)}; expected "
+                        f"[{rank}, {d_in}] / [{hidden}, {rank}] (rank {rank} LoRA on a {hidden}-wide layer)"
+                    )
+    unknown = sorted(found - expected)
+    if unknown:
+        raise AdapterFormatError(
+            f"ip_adapter holds LoRA keys this layout does not have: {', '.join(unknown[:4])}"
+            + (" ..." if len(unknown) > 4 else "")
+        )
+    return int(rank)
+
+
+# --------------------------------------------------------------------------------------------
+# Plain IP-Adapters
+# --------------------------------------------------------------------------------------------
 
 
 def _detect_linear(proj, base_model, layers, context_dim) -> AdapterSpec:

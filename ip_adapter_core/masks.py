@@ -23,9 +23,9 @@ def token_grid(latent_hw: tuple[int, int], num_queries: int) -> tuple[int, int]:
     raise ValueError(f"{num_queries} queries do not tile a {height}x{width} latent at any UNet level")
 
 
-def mask_for_queries(mask: torch.Tensor, original_shape: list[int], num_queries: int, batch: int) -> torch.Tensor:
-    """Resize a [1 or B, H, W] mask to [batch, num_queries] for one layer."""
-    h, w = token_grid((original_shape[-2], original_shape[-1]), num_queries)
+def mask_for_queries(mask: torch.Tensor, latent_hw: tuple[int, int], num_queries: int, batch: int) -> torch.Tensor:
+    """Resize a [1 or B, H, W] mask to [batch, num_queries] for one layer of a latent of `latent_hw`."""
+    h, w = token_grid(latent_hw, num_queries)
     # Bicubic, unclamped, as diffusers' IPAdapterMaskProcessor resizes: the same mask gives the
     # same result in both implementations (the grid here comes from the latent, so any aspect works).
     resized = F.interpolate(mask[None].float(), size=(h, w), mode="bicubic")[0]

@@ -1,23 +1,22 @@
-"""The ComfyUI face of the pack: node classes and their registration."""
+"""The ComfyUI face of the pack, in pipeline order:
 
-from .apply import ApplyIPAdapter, IPAdapterAllInOne
-from .controls import (
-    IPAdapterCombineEmbeds,
-    IPAdapterLayerWeights,
-    IPAdapterLoadEmbeds,
-    IPAdapterNoiseImage,
-    IPAdapterSaveEmbeds,
-    IPAdapterStyleComposition,
-    register_embeds_folder,
-)
-from .encode import EncodeIPAdapterImage
-from .host import register_model_folder
-from .loader import LoadIPAdapter
-from .routes import register_routes
+    load.py  ->  encode.py, embeds.py  ->  apply.py (+ layer_weights.py)  ->  comfy_seam.py
+    (adapter)    (CLIP encodings)          (image tokens, controls)           (patched MODEL)
 
-register_model_folder()
-register_embeds_folder()
-register_routes()
+`comfy_seam.py` is the only module that touches ComfyUI's internals; `widgets.py` holds the
+inputs shared by several nodes.
+"""
+
+from . import comfy_seam
+from .apply import ApplyIPAdapter, IPAdapterAllInOne, IPAdapterStyleComposition
+from .embeds import IPAdapterCombineEmbeds, IPAdapterLoadEmbeds, IPAdapterSaveEmbeds
+from .encode import EncodeIPAdapterImage, IPAdapterNoiseImage
+from .layer_weights import IPAdapterLayerWeights
+from .load import LoadIPAdapter
+
+comfy_seam.check_comfyui_version()
+comfy_seam.register_folders()
+comfy_seam.register_routes()
 
 # Ids are our own (another popular pack owns the IPAdapter* names without "Exact").
 NODES = {

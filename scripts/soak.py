@@ -119,7 +119,7 @@ def stage_inputs(server: ComfyServer, encode: bool) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from tests.hostile_corpus import write_png
+    from tests.harness.hostile_corpus import write_png
 
     folder = server.output_dir / "ipadapter_embeds"
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from ipadapter_pack.ip_adapter_core import attention, blocks, embeds, images, masks, schedule
+from ipadapter_pack.ip_adapter_core import attention, embeds, images, masks, schedule
+from ipadapter_pack.ip_adapter_core import layer_weights as blocks
 from ipadapter_pack.ip_adapter_core.layout import SD15_LAYERS, SDXL_LAYERS
 
 
@@ -55,13 +56,15 @@ def test_unknown_weight_type_is_refused(qkv):
         attention.weighted_ip_attention(*qkv, 10, 1.0, "Q only")
 
 
-def test_sigma_range():
-    r = schedule.SigmaRange(sigma_start=5.0, sigma_end=1.0)
-    assert r.contains(torch.tensor([3.0])) and r.contains(5.0) and r.contains(1.0)
-    assert not r.contains(torch.tensor([6.0])) and not r.contains(0.5)
-    assert schedule.SigmaRange().contains(torch.tensor([1e9]))
+def test_schedule_window():
+    w = schedule.ScheduleWindow(0.2, 0.6)
+    assert not w.always_on and schedule.ScheduleWindow().always_on
+    bounds = w.sigma_bounds(lambda p: 10.0 * (1 - p))  # a linear stand-in for percent_to_sigma
+    assert bounds == (8.0, 4.0)
+    assert w.contains(8.0, bounds) and w.contains(4.0, bounds) and w.contains(5.5, bounds)
+    assert not w.contains(8.01, bounds) and not w.contains(3.9, bounds)
     with pytest.raises(ValueError, match="after end_at"):
-        schedule.check_fractions(0.8, 0.2)
+        schedule.ScheduleWindow(0.8, 0.2)
     with pytest.raises(ValueError, match="between 0 and 1"):
         schedule.check_fractions(-0.1, 1.0)
 
@@ -79,15 +82,15 @@ def test_token_grid_from_latent(hw, levels):
 def test_mask_resizing_keeps_regions():
     mask = torch.zeros(1, 512, 768)
     mask[:, :, :384] = 1.0  # left half
-    out = masks.mask_for_queries(mask, [2, 4, 64, 96], 16 * 24, batch=2)
+    out = masks.mask_for_queries(mask, (64, 96), 16 * 24, batch=2)
     assert out.shape == (2, 16 * 24)
     grid = out[0].view(16, 24)
     assert grid[:, :11].min() > 0.99 and grid[:, 13:].abs().max() < 0.01
     two = torch.stack([torch.ones(8, 8), torch.zeros(8, 8)])
-    padded = masks.mask_for_queries(two, [3, 4, 8, 8], 64, batch=3)  # the last mask fills the batch
+    padded = masks.mask_for_queries(two, (8, 8), 64, batch=3)  # the last mask fills the batch
     assert padded[0].min() > 0.99 and padded[1:].abs().max() < 1e-6
     with pytest.raises(ValueError, match="3 attention masks for a batch of 2 latents"):
-        masks.mask_for_queries(torch.ones(3, 8, 8), [2, 4, 8, 8], 64, batch=2)
+        masks.mask_for_queries(torch.ones(3, 8, 8), (8, 8), 64, batch=2)
     with pytest.raises(ValueError, match="non-empty"):
         masks.check_mask(torch.zeros(1, 0, 8))
 
@@ -150,7 +153,7 @@ def test_combine_modes():
     b = embeds.ImageEmbeds(torch.zeros(1, 257, 1280), torch.zeros(1, 257, 1280), "penultimate")
     with pytest.raises(ValueError, match="same CLIP vision model"):
         embeds.merge(a, b)
-    assert embeds.merge(a, a).cond.shape == (4, 1024) and embeds.merge(a, a).uncond.shape == (4, 1024)
+    assert embeds.merge(a, a).cond.shape == (4, 1024) and embeds.merge(a, a).uncond.shape == (1, 1024)
 
 
 def test_image_preparation():
@@ -194,30 +197,22 @@ class _FakeAdapter:
         return self.kv[i]
 
 
-def test_patch_uses_cond_and_uncond_tokens_per_chunk_and_caches_kv():
+def test_image_term_uses_cond_and_uncond_tokens_per_chunk_and_caches_kv():
     adapter = _FakeAdapter()
     cond, uncond = torch.randn(1, 3, 8), torch.randn(1, 3, 8)
     app = attention.IPApplication(adapter, cond, uncond, weight=0.5)
-    inner_calls = []
-
-    def inner(q, k, v, extra):
-        inner_calls.append(1)
-        return torch.zeros_like(q)
-
-    patch = attention.IPAttentionPatch(1, app, inner)
     q = torch.randn(4, 5, 16)  # [uncond x2, cond x2]
-    extra = {"n_heads": 2, "cond_or_uncond": [1, 0]}
-    out = patch(q, None, None, extra)
+    out = app.image_term(1, q, heads=2, chunk_is_cond=[False, True])
     kv = adapter.kv[1]
     k_u, v_u = uncond @ kv.to_k_ip.weight.T, uncond @ kv.to_v_ip.weight.T
     k_c, v_c = cond @ kv.to_k_ip.weight.T, cond @ kv.to_v_ip.weight.T
     torch.testing.assert_close(out[:2], 0.5 * naive_attention(q[:2], k_u.expand(2, -1, -1), v_u.expand(2, -1, -1), 2))
     torch.testing.assert_close(out[2:], 0.5 * naive_attention(q[2:], k_c.expand(2, -1, -1), v_c.expand(2, -1, -1), 2))
     for _ in range(3):
-        patch(q, None, None, extra)
-    assert adapter.reads == 1 and len(inner_calls) == 4
-    stacked = attention.IPAttentionPatch(1, attention.IPApplication(adapter, cond, uncond), patch)
-    assert [a.weight for a in stacked.applications()] == [0.5, 1.0]
+        app.image_term(1, q, heads=2, chunk_is_cond=[True, False])
+    assert adapter.reads == 1
+    assert attention.IPApplication(adapter, cond, uncond, layer_weights=[1.0, 0.0]).image_term(
+        1, q, heads=2, chunk_is_cond=[True, False]) is None
 
 
 def test_one_reference_per_latent_pads_with_the_last():

@@ -13,8 +13,8 @@ def test_round_trip_and_refusals(comfy_inprocess, tmp_path):
     from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
     from ipadapter_pack.ip_adapter_core.layout import AdapterFormatError
     from ipadapter_pack.nodes import NODE_CLASS_MAPPINGS
-    from ipadapter_pack.nodes.apply_logic import check_embeds
-    from ipadapter_pack.nodes.host import ADAPTERS
+    from ipadapter_pack.nodes.apply import check_embeds
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
 
     embeds = ImageEmbeds(torch.randn(2, 257, 1280), torch.randn(1, 257, 1280), "penultimate")
     out = NODE_CLASS_MAPPINGS["IPAdapterExactSaveEmbeds"]().save(embeds, "roundtrip")

@@ -3,7 +3,7 @@
 Every case either fails with a clear error that names the problem (asserted on the message
 text) or, where the input is valid, gives a correct result -- and after each one the real
 server (conftest's shared ``comfy_server``) still answers and runs a good workflow. The bad
-files come from ``tests/hostile_corpus.py`` and are written where the server looks at run
+files come from ``tests/harness/hostile_corpus.py`` and are written where the server looks at run
 time: ``<base>/models/ipadapter`` (the pack registers ComfyUI's default models/ipadapter),
 ``<base>/output/ipadapter_embeds`` and ``<base>/input``. A pickle that carries code must be
 refused without running it: it would create a marker file, which must never appear.
@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from tests.harness.comfy_host import PromptFailed, PromptRejected
-from tests.hostile_corpus import IMAGE_CASES, FileCase, adapter_cases, embeds_cases, save_tensors, write_png
+from tests.harness.hostile_corpus import IMAGE_CASES, FileCase, adapter_cases, embeds_cases, save_tensors, write_png
 
 CHECKPOINT = "sd15_tiny.safetensors"
 GOOD_ADAPTER = "sd15_tiny_base.safetensors"
@@ -509,8 +509,8 @@ def test_no_node_changes_the_model_or_clip_vision_it_is_given(pack, adapters, sd
 
 def test_stats_route_needs_no_server(pack):
     """Importing the pack without a running ComfyUI server registers no route; the figures still exist."""
-    from ipadapter_pack.nodes.host import ADAPTERS
-    from ipadapter_pack.nodes.routes import register_routes
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
+    from ipadapter_pack.nodes.comfy_seam import register_routes
 
     if "server" not in __import__("sys").modules:
         assert register_routes() is False

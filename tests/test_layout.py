@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.fixtures.generate import adapter_state_dict
-from tests.reference_unets import SD15_COMFY, SD15_UNET, SDXL_COMFY, SDXL_UNET
+from tests.harness.reference_unets import SD15_COMFY, SD15_UNET, SDXL_COMFY, SDXL_UNET
 
 
 def processor_blocks(unet_config: dict, comfy_config: dict) -> list[tuple[str, int, int]]:

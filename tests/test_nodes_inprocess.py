@@ -51,7 +51,7 @@ def test_loader_reports_variant(pack, models, name, expected):
 
 
 def test_loader_reads_each_file_once_and_rereads_changes(pack, models, tmp_path, comfy_inprocess):
-    from ipadapter_pack.nodes.host import ADAPTERS
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
 
     src = models["ipadapter/sd15_tiny_base.safetensors"]
     copy_path = tmp_path / "copy.safetensors"

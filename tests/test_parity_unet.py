@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.fixtures.generate import adapter_state_dict
-from tests.reference_unets import (
+from tests.harness.reference_unets import (
     build_pair,
     comfy_forward,
     relative_difference,
@@ -69,8 +69,8 @@ def pair(request, comfy_inprocess):
 @torch.inference_mode()
 def test_adapter_matches_diffusers(pair, tmp_path):
     from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
-    from ipadapter_pack.nodes.apply_logic import apply_adapter
-    from ipadapter_pack.nodes.host import ADAPTERS
+    from ipadapter_pack.nodes.apply import apply_adapter
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
 
     gen = torch.Generator().manual_seed(7)
     side = SPATIAL[pair.base_model]
@@ -132,10 +132,10 @@ def test_controls_match_diffusers(pair, tmp_path):
     from diffusers.image_processor import IPAdapterMaskProcessor
     from diffusers.loaders.ip_adapter import IPAdapterMixin
 
-    from ipadapter_pack.ip_adapter_core.blocks import LayerWeights
+    from ipadapter_pack.ip_adapter_core.layer_weights import LayerWeights
     from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
-    from ipadapter_pack.nodes.apply_logic import apply_adapter
-    from ipadapter_pack.nodes.host import ADAPTERS
+    from ipadapter_pack.nodes.apply import apply_adapter
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
 
     gen = torch.Generator().manual_seed(9)
     side = SPATIAL[pair.base_model]

@@ -13,12 +13,6 @@ from dataclasses import dataclass
 
 from .layout import BlockKey
 
-PRESETS = (
-    "linear", "ease in", "ease out", "ease in-out", "reverse in-out",
-    "weak input", "weak middle", "weak output", "strong middle",
-    "style transfer", "composition", "strong style transfer",
-    "style and composition", "strong style and composition",
-)
 WEAK = 0.2  # what "weak" leaves of the weight
 EASE_FLOOR = 0.05  # the lowest multiplier of the ease curves
 
@@ -60,34 +54,51 @@ def composition_layers(layers: tuple[BlockKey, ...]) -> list[int]:
     return [i for i in deepest if diffusers_location(layers[i])[2] == last]
 
 
+# Ease curves over p = 0 at the first input layer .. 1 at the last output layer.
+EASE_CURVES = {
+    "ease in": lambda p: p,
+    "ease out": lambda p: 1 - p,
+    "ease in-out": lambda p: 1 - abs(2 * p - 1),
+    "reverse in-out": lambda p: abs(2 * p - 1),
+}
+# Weak presets: the blocks that keep only WEAK of the weight.
+WEAK_BLOCKS = {"weak input": ("input",), "weak middle": ("middle",), "weak output": ("output",),
+               "strong middle": ("input", "output")}
+# Layer-set presets: (style layers, composition layers); every other layer gets 0.
+LAYER_SETS = {
+    "style transfer": ("style", None),
+    "composition": (None, "composition"),
+    "strong style transfer": ("strong style", None),
+    "style and composition": ("style", "composition"),
+    "strong style and composition": ("strong style", "composition"),
+}
+PRESETS = ("linear", *EASE_CURVES, *WEAK_BLOCKS, *LAYER_SETS)
+
+
+def _layer_set(name: str | None, layers: tuple[BlockKey, ...]) -> set[int]:
+    if name is None:
+        return set()
+    if name == "strong style":
+        return set(_deepest(layers, "up"))
+    return set(style_layers(layers) if name == "style" else composition_layers(layers))
+
+
 def preset_weights(preset: str, layers: tuple[BlockKey, ...],
                    style: float = 1.0, composition: float = 1.0) -> list[float]:
     """One multiplier per layer for a named preset; `style`/`composition` scale those layer sets."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown layer weights preset {preset!r}; expected one of {', '.join(PRESETS)}")
     n = len(layers)
     if preset == "linear":
         return [1.0] * n
-    curves = {
-        "ease in": lambda p: p,
-        "ease out": lambda p: 1 - p,
-        "ease in-out": lambda p: 1 - abs(2 * p - 1),
-        "reverse in-out": lambda p: abs(2 * p - 1),
-    }
-    if preset in curves:
-        # p: 0 at the first input layer, 1 at the last output layer.
+    if preset in EASE_CURVES:
         position = {layer: rank / max(n - 1, 1) for rank, layer in enumerate(depth_order(layers))}
-        return [EASE_FLOOR + (1 - EASE_FLOOR) * curves[preset](position[i]) for i in range(n)]
-    weak = {"weak input": ("input",), "weak middle": ("middle",), "weak output": ("output",),
-            "strong middle": ("input", "output")}
-    if preset in weak:
-        return [WEAK if key[0] in weak[preset] else 1.0 for key in layers]
-    if preset.startswith("strong style"):
-        style_set = set(_deepest(layers, "up"))
-    else:
-        style_set = set(style_layers(layers)) if "style" in preset else set()
-    comp_set = set(composition_layers(layers)) if "composition" in preset else set()
-    return [style if i in style_set else composition if i in comp_set else 0.0 for i in range(n)]
+        return [EASE_FLOOR + (1 - EASE_FLOOR) * EASE_CURVES[preset](position[i]) for i in range(n)]
+    if preset in WEAK_BLOCKS:
+        return [WEAK if key[0] in WEAK_BLOCKS[preset] else 1.0 for key in layers]
+    if preset in LAYER_SETS:
+        style_name, composition_name = LAYER_SETS[preset]
+        style_set, comp_set = _layer_set(style_name, layers), _layer_set(composition_name, layers)
+        return [style if i in style_set else composition if i in comp_set else 0.0 for i in range(n)]
+    raise ValueError(f"unknown layer weights preset {preset!r}; expected one of {', '.join(PRESETS)}")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,446 @@
+"""The one place where the pack touches ComfyUI's internals.
+
+Everything ComfyUI-specific goes through here: model folders, the adapter weights' model
+management, CLIP vision calls, how an attn2 patch is called (`extra_options`, cond/uncond
+codes, the `.to()`/`.models()` hooks), sampling-schedule gating, and model patching. The math
+in `ip_adapter_core/` gets plain tensors and explicit arguments; the node classes get the
+functions below. When ComfyUI moves, this file changes and nothing else should.
+
+Oldest ComfyUI supported: MIN_COMFYUI (see `check_comfyui_version`).
+"""
+
+from __future__ import annotations
+
+import gc
+import inspect
+import logging
+import os
+import sys
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import comfy.clip_vision
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.model_management
+import comfy.model_patcher
+import comfy.utils
+import folder_paths
+import torch
+
+from ..ip_adapter_core.attention import IPApplication
+from ..ip_adapter_core.layout import AdapterSpec, BlockKey
+from ..ip_adapter_core.schedule import ScheduleWindow
+from ..models.files import load_adapter
+from ..models.ip_adapter import IPAdapterModel
+
+log = logging.getLogger("ComfyUI-IPAdapter-Exact")
+
+MIN_COMFYUI = (0, 3, 0)
+ADAPTER_FOLDER = "ipadapter"
+ADAPTER_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
+EMBEDS_FOLDER = "ipadapter_embeds"
+COMFY_COND, COMFY_UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
+
+
+# --- the ComfyUI release -------------------------------------------------------------------
+
+def comfyui_version() -> tuple[int, ...] | None:
+    """The running ComfyUI's version from its comfyui_version.py, or None when it has none."""
+    module = sys.modules.get("comfyui_version")
+    if module is None:
+        try:
+            import comfyui_version as module  # ComfyUI's own top-level module
+        except ImportError:
+            return None
+    try:
+        return tuple(int(part) for part in str(module.__version__).split(".")[:3])
+    except (AttributeError, ValueError):
+        return None
+
+
+def check_comfyui_version() -> None:
+    """Refuse, at load time, a ComfyUI older than the oldest release the pack is tested on."""
+    version = comfyui_version()
+    wanted = ".".join(map(str, MIN_COMFYUI))
+    if version is None or version < MIN_COMFYUI:
+        found = "a ComfyUI without a version number" if version is None else "ComfyUI " + ".".join(map(str, version))
+        raise RuntimeError(f"ComfyUI-IPAdapter-Exact needs ComfyUI {wanted} or newer; this is {found}: "
+                           "update ComfyUI (git pull, or the manager's 'Update ComfyUI')")
+
+
+# --- model folders -------------------------------------------------------------------------
+
+def register_folder(name: str, paths: Sequence[str], extensions: set[str]) -> None:
+    """Add folders under ComfyUI's name `name`, keeping paths and extensions others registered."""
+    known, exts = folder_paths.folder_names_and_paths.get(name, ([], set()))
+    known = list(known) + [p for p in paths if p not in known]
+    folder_paths.folder_names_and_paths[name] = (known, set(exts) | set(extensions))
+
+
+def register_folders() -> None:
+    register_folder(ADAPTER_FOLDER, [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], ADAPTER_EXTENSIONS)
+    register_folder(EMBEDS_FOLDER, [os.path.join(folder_paths.models_dir, EMBEDS_FOLDER), embeds_output_folder()],
+                    {".safetensors"})
+
+
+def embeds_output_folder() -> str:
+    return os.path.join(folder_paths.get_output_directory(), EMBEDS_FOLDER)
+
+
+def list_files(folder: str) -> list[str]:
+    return folder_paths.get_filename_list(folder)
+
+
+def full_path(folder: str, name: str) -> str:
+    """The file's path, or an error naming the folder(s) searched."""
+    path = folder_paths.get_full_path(folder, name)
+    if path is None or not os.path.isfile(path):
+        searched = ", ".join(folder_paths.get_folder_paths(folder)) or f"models/{folder}"
+        raise FileNotFoundError(f"{name} is not in the {folder} folder(s) ({searched}): put it there or pick another")
+    return path
+
+
+def file_stamp(folder: str, name: str) -> str:
+    """'size:mtime_ns' of a model file, or '' when it is missing (validation reports that).
+
+    Nodes return this from IS_CHANGED so they re-run when a file changes under the same name.
+    """
+    path = folder_paths.get_full_path(folder, name)
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        stat = None
+    return "" if stat is None else f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def numbered_output_path(folder: str, prefix: str, extension: str) -> str:
+    """A new numbered file path for `prefix` in `folder`, as ComfyUI's save nodes number files."""
+    full_folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder)
+    os.makedirs(full_folder, exist_ok=True)
+    return os.path.join(full_folder, f"{name}_{counter:05}{extension}")
+
+
+# --- adapter weights under ComfyUI's model management ---------------------------------------
+
+@dataclass(eq=False)
+class LoadedAdapter:
+    """What the loader node hands on: the file's one shared weight copy and what it is."""
+
+    name: str
+    spec: AdapterSpec
+    patcher: comfy.model_patcher.ModelPatcher  # owns the IPAdapterModel; loaded/offloaded by ComfyUI
+    stamp: tuple[int, int] = (0, 0)  # (size, mtime_ns) of the file it was read from
+
+    @property
+    def model(self) -> IPAdapterModel:
+        return self.patcher.model
+
+    def __repr__(self) -> str:
+        return f"LoadedAdapter({self.name}: {self.spec.describe()})"
+
+
+class AdapterCache:
+    """One LoadedAdapter per file while anything uses it, re-read when the file changes on disk.
+
+    Entries are weak: three Apply nodes on one file share one copy, and once no node output
+    and no patched model holds an adapter any more, its weights are freed.
+    """
+
+    def __init__(self) -> None:
+        self._entries: weakref.WeakValueDictionary[str, LoadedAdapter] = weakref.WeakValueDictionary()
+        self._lock = threading.Lock()
+        self.reads = 0  # files actually read, for tests and the stats route
+
+    def get(self, path: str) -> LoadedAdapter:
+        stat = os.stat(path)
+        stamp = (stat.st_size, stat.st_mtime_ns)
+        with self._lock:
+            cached = self._entries.get(path)
+            if cached is not None and cached.stamp == stamp:
+                return cached
+            model = load_adapter(path)
+            self.reads += 1
+            patcher = comfy.model_patcher.ModelPatcher(
+                model,
+                load_device=comfy.model_management.get_torch_device(),
+                offload_device=comfy.model_management.unet_offload_device(),
+            )
+            loaded = LoadedAdapter(os.path.basename(path), model.spec, patcher, stamp)
+            self._entries[path] = loaded
+            log.info("loaded %s: %s", loaded.name, model.spec.describe())
+            return loaded
+
+    def cached_files(self) -> list[str]:
+        """Base names of the files whose weights are alive and cached."""
+        with self._lock:
+            return sorted(loaded.name for loaded in self._entries.values())
+
+    def live_copies(self) -> int:
+        """Adapter weight sets alive in this process, found by the garbage collector.
+
+        Counts every IPAdapterModel, not just the cached ones, so a copy kept alive somewhere
+        else (a stale patch, a deep copy) shows up. One per file in use is the healthy figure.
+        """
+        return sum(1 for obj in gc.get_objects() if type(obj) is IPAdapterModel)  # no __class__ proxies
+
+    def stats(self) -> dict:
+        return {"files_read": self.reads, "live_adapters": self.live_copies(), "cached_files": self.cached_files()}
+
+
+ADAPTERS = AdapterCache()
+
+
+def load_adapter_file(name: str) -> LoadedAdapter:
+    return ADAPTERS.get(full_path(ADAPTER_FOLDER, name))
+
+
+def token_projector(model: comfy.model_patcher.ModelPatcher,
+                    adapter: LoadedAdapter) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Projects encodings to image tokens in the UNet's dtype on the device it samples on."""
+    dtype, device = model.model_dtype(), model.load_device
+    comfy.model_management.load_model_gpu(adapter.patcher)
+
+    def project(encodings: torch.Tensor) -> torch.Tensor:
+        return adapter.model.image_tokens(encodings, dtype=dtype, device=device)
+
+    return project
+
+
+# --- CLIP vision -----------------------------------------------------------------------------
+
+ENCODE_CHUNK = 8  # images per encoder call; the progress bar ticks per chunk
+
+
+def clip_vision_widths(clip_vision: comfy.clip_vision.ClipVisionModel) -> dict[str, int]:
+    """Widths of the encoder's image_embeds and penultimate hidden states, from its weights."""
+    model = clip_vision.model
+    hidden = model.vision_model.post_layernorm.weight.shape[0]
+    projection = getattr(model, "visual_projection", None)
+    embeds = projection.weight.shape[0] if hasattr(projection, "weight") else hidden
+    return {"image_embeds": embeds, "penultimate": hidden}
+
+
+def clip_encode(clip_vision, images: torch.Tensor, output: str, center_crop: bool) -> torch.Tensor:
+    """[B, H, W, C] images -> [B, D] ('image_embeds') or [B, T, D] ('penultimate'), float32,
+    with ComfyUI's own CLIP preprocessing and a progress bar."""
+    key = "penultimate_hidden_states" if output == "penultimate" else "image_embeds"
+    bar = comfy.utils.ProgressBar(images.shape[0])
+    out = []
+    for start in range(0, images.shape[0], ENCODE_CHUNK):
+        chunk = images[start : start + ENCODE_CHUNK]
+        out.append(clip_vision.encode_image(chunk, crop=center_crop)[key])
+        bar.update(chunk.shape[0])
+    return torch.cat(out).float()
+
+
+def clip_encode_zero_pixels(clip_vision) -> torch.Tensor:
+    """Penultimate hidden states of an all-zero *normalised* pixel tensor (the CLIP mean colour),
+    which no [0, 1] image reproduces exactly, so the encoder is called on zeros directly."""
+    comfy.model_management.load_model_gpu(clip_vision.patcher)
+    size = clip_vision.image_size
+    pixels = torch.zeros(1, 3, size, size, device=clip_vision.load_device)
+    out = clip_vision.model(pixel_values=pixels, intermediate_output=-2)
+    return out[1].to(comfy.model_management.intermediate_device()).float()
+
+
+# --- the attention patch ---------------------------------------------------------------------
+
+def _attention_takes_transformer_options() -> bool:
+    try:
+        params = inspect.signature(comfy_attention.optimized_attention).parameters
+    except (TypeError, ValueError):
+        return True
+    return "transformer_options" in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+    """ComfyUI's own attention kernel, exactly as an unpatched layer would call it."""
+    kwargs = {"attn_precision": extra_options.get("attn_precision")}
+    if _TAKES_TRANSFORMER_OPTIONS:
+        kwargs["transformer_options"] = extra_options
+    return comfy_attention.optimized_attention(q, k, v, extra_options["n_heads"], **kwargs)
+
+
+_TAKES_TRANSFORMER_OPTIONS = _attention_takes_transformer_options()
+
+
+def sigma_on_host(sigmas: torch.Tensor) -> float:
+    """The one device-to-host read of the gate (counted in tests: at most one per model call)."""
+    return float(sigmas.max())
+
+
+class ScheduleGate:
+    """Decides, once per model call, whether an application's schedule window is open.
+
+    Fractions become sigmas with the sampling object the model actually runs with, read when
+    the sampler calls the model, so a ModelSampling node placed after Apply is honoured. The
+    sigmas tensor of one model call is shared by all its layers: its value is read once.
+    """
+
+    def __init__(self, window: ScheduleWindow, base_model: torch.nn.Module):
+        self.window = window
+        self._base_model = weakref.ref(base_model)
+        self._bounds: tuple[object, tuple[float, float]] | None = None  # (sampling object, bounds)
+        self._last: tuple[torch.Tensor, bool] | None = None  # (sigmas of the last call, open?)
+
+    def __deepcopy__(self, memo: dict) -> ScheduleGate:
+        return self  # shared by clones, like the application
+
+    def is_open(self, extra_options: dict) -> bool:
+        if self.window.always_on:
+            return True
+        sigmas = extra_options.get("sigmas")
+        if sigmas is None:
+            return True
+        last = self._last
+        if last is not None and last[0] is sigmas:
+            return last[1]
+        is_open = ScheduleWindow.contains(sigma_on_host(sigmas), self._sigma_bounds())
+        self._last = (sigmas, is_open)
+        return is_open
+
+    def _sigma_bounds(self) -> tuple[float, float]:
+        base_model = self._base_model()
+        sampling = getattr(base_model, "model_sampling", None)
+        if sampling is None:
+            raise RuntimeError("the model's sampling settings are gone: cannot place start_at/end_at")
+        if self._bounds is None or self._bounds[0] is not sampling:
+            self._bounds = (sampling, self.window.sigma_bounds(sampling.percent_to_sigma))
+        return self._bounds[1]
+
+
+class Attn2Patch:
+    """ComfyUI's attn2 replacement for one layer: the inner attention plus one adapter's term.
+
+    `inner` is what computed this layer's attention before: ComfyUI's kernel, another of our
+    applications, or another pack's patch; it is called exactly once and its output kept.
+    """
+
+    def __init__(self, layer_index: int, application: IPApplication, gate: ScheduleGate,
+                 adapter: LoadedAdapter, inner: Callable):
+        self.layer_index = layer_index
+        self.application = application
+        self.gate = gate
+        self.adapter = adapter
+        self.inner = inner
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_options: dict) -> torch.Tensor:
+        out = self.inner(q, k, v, extra_options)
+        if not self.gate.is_open(extra_options):
+            return out
+        codes = extra_options.get("cond_or_uncond") or [COMFY_COND]
+        shape = extra_options.get("original_shape")
+        term = self.application.image_term(
+            self.layer_index, q, extra_options["n_heads"], [c == COMFY_COND for c in codes],
+            latent_hw=None if shape is None else (shape[-2], shape[-1]),
+        )
+        return out if term is None else out + term.to(out.dtype)
+
+    def __deepcopy__(self, memo: dict) -> Attn2Patch:
+        import copy
+
+        inner = copy.deepcopy(self.inner, memo)
+        return Attn2Patch(self.layer_index, self.application, self.gate, self.adapter, inner)
+
+    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
+    def to(self, *args, **kwargs) -> Attn2Patch:
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def models(self) -> list:
+        inner = self.inner.models() if hasattr(self.inner, "models") else []
+        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
+
+    def applications(self) -> list[IPApplication]:
+        """Every adapter application stacked on this layer, innermost first."""
+        inner = self.inner.applications() if isinstance(self.inner, Attn2Patch) else []
+        return inner + [self.application]
+
+
+def cross_attention_at(model: comfy.model_patcher.ModelPatcher, key: BlockKey) -> torch.nn.Module | None:
+    """The attn2 module of ComfyUI block `key`, or None if the UNet has no such layer."""
+    unet = model.model.diffusion_model
+    name, block_id, index = key
+    if name == "middle":
+        block = getattr(unet, "middle_block", None)
+    else:
+        seq = getattr(unet, f"{name}_blocks", None)
+        block = seq[block_id] if seq is not None and block_id < len(seq) else None
+    if block is None:
+        return None
+    for module in block:
+        layers = getattr(module, "transformer_blocks", None)
+        if layers is not None and index < len(layers):
+            return getattr(layers[index], "attn2", None)
+    return None
+
+
+def check_fits(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter) -> None:
+    """Refuse, before anything is patched, an adapter whose layers the model does not have."""
+    spec = adapter.spec
+    config = getattr(model.model, "model_config", None)
+    model_name = type(config).__name__ if config is not None else type(model.model).__name__
+    context = None if config is None else config.unet_config.get("context_dim")
+    if context is not None and context != spec.context_dim:
+        raise ValueError(
+            f"{adapter.name} is an {spec.base_model} adapter (text context {spec.context_dim}) but the model is "
+            f"{model_name} (context {context}): load an IP-Adapter made for {model_name}"
+        )
+    for i, key in enumerate(spec.layers):
+        attn2 = cross_attention_at(model, key)
+        rows = adapter.model.key_value(i).to_k_ip.weight.shape[0]
+        if attn2 is None:
+            raise ValueError(
+                f"{adapter.name} ({spec.base_model}) patches cross-attention {key}, which {model_name} does not have: "
+                f"use an IP-Adapter made for this model's architecture"
+            )
+        if attn2.to_k.weight.shape[0] != rows:
+            raise ValueError(
+                f"{adapter.name} gives {rows}-wide image keys at {key} but the model's layer is "
+                f"{attn2.to_k.weight.shape[0]} wide: this adapter was made for another UNet"
+            )
+
+
+def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter, application: IPApplication,
+                window: ScheduleWindow) -> comfy.model_patcher.ModelPatcher:
+    """A clone of `model` with the image path on every cross-attention layer the adapter covers.
+
+    A patch already on a layer (another adapter, or another pack's) becomes the inner attention
+    of ours, so applications stack. The input model is not changed.
+    """
+    check_fits(model, adapter)
+    patched = model.clone()
+    gate = ScheduleGate(window, patched.model)
+    table = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
+    for i, key in enumerate(adapter.spec.layers):
+        inner = table.get(key) or table.get(key[:2]) or text_attention
+        patched.set_model_attn2_replace(Attn2Patch(i, application, gate, adapter, inner), *key)
+    return patched
+
+
+# --- the server ------------------------------------------------------------------------------
+
+STATS_PATH = "/ipadapter_exact/stats"
+
+
+def register_routes() -> bool:
+    """Adds GET /ipadapter_exact/stats to the running server; False when there is no server."""
+    # ComfyUI imports its `server` module before it loads custom nodes; never import it here
+    # (that would start building a server inside a test process or a script).
+    server = sys.modules.get("server")
+    prompt_server = getattr(getattr(server, "PromptServer", None), "instance", None)
+    if prompt_server is None:
+        return False
+    from aiohttp import web
+
+    @prompt_server.routes.get(STATS_PATH)
+    async def adapter_stats(request):
+        # {"files_read": files actually read from disk, "live_adapters": weight sets alive,
+        #  "cached_files": names of the cached files}
+        return web.json_response(ADAPTERS.stats())
+
+    log.debug("registered GET %s", STATS_PATH)
+    return True
