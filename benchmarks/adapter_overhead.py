@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import runpy
 import statistics
-import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -26,16 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def setup_imports() -> None:
-    """The pack as `ipadapter_pack` (its __init__ not run) and ComfyUI in-process on the CPU."""
-    pkg = types.ModuleType("ipadapter_pack")
-    pkg.__path__ = [str(REPO)]
-    sys.modules["ipadapter_pack"] = pkg
-    tests = types.ModuleType("tests")
-    tests.__path__ = [str(REPO / "tests")]
-    sys.modules["tests"] = tests
-    from tests.fixtures.generate import import_comfy
-
-    import_comfy()
+    """The pack as `ipadapter_pack` and ComfyUI in-process (on CUDA when there is one)."""
+    runpy.run_path(str(REPO / "tests" / "harness" / "imports.py"))["setup"](force_cpu=False)
 
 
 def rss_mib() -> float:

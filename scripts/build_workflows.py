@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import runpy
 import sys
-import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,12 +32,7 @@ NEGATIVE = "blurry, lowres, watermark, text"
 
 def load_node_classes() -> dict:
     """ComfyUI's node classes plus this pack's, imported in-process (CPU, no server)."""
-    tests = types.ModuleType("tests")
-    tests.__path__ = [str(REPO / "tests")]
-    sys.modules["tests"] = tests
-    from tests.fixtures.generate import import_comfy
-
-    import_comfy()
+    runpy.run_path(str(REPO / "tests" / "harness" / "imports.py"))["setup"]()
     import nodes
 
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))

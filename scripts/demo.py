@@ -16,21 +16,18 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import runpy
 import shutil
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The test host lives in tests/harness; import it without putting the repository root (a ComfyUI
-# custom-node package whose folder names shadow ComfyUI's own modules) on sys.path.
-if "tests" not in sys.modules:
-    _tests = types.ModuleType("tests")
-    _tests.__path__ = [str(REPO / "tests")]
-    sys.modules["tests"] = _tests
+# The test host lives in tests/harness; the one import set-up registers it (and never puts the
+# repository root, whose folder names shadow ComfyUI's own modules, on sys.path).
+runpy.run_path(str(REPO / "tests" / "harness" / "imports.py"))["register_packages"]()
 
 from tests.harness import standins  # noqa: E402
 from tests.harness.comfy_host import MODEL_FOLDERS, ComfyServer, comfy_dir  # noqa: E402

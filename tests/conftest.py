@@ -25,81 +25,21 @@ Fixtures:
 from __future__ import annotations
 
 import logging
+import runpy
 import sys
-import types
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+_imports = runpy.run_path(str(Path(__file__).resolve().parent / "harness" / "imports.py"))
+REPO = _imports["REPO"]
 ARTIFACTS = REPO / ".test-artifacts"
-PACK_PACKAGE = "ipadapter_pack"
+COMFY_DIR = _imports["setup"](force_cpu=True)
 
-log = logging.getLogger("tests")
-
-
-def _register_package(name: str, path: Path) -> None:
-    existing = sys.modules.get(name)
-    if existing is not None and str(path) in list(getattr(existing, "__path__", [])):
-        return
-    pkg = types.ModuleType(name)
-    pkg.__path__ = [str(path)]
-    pkg.__file__ = None
-    sys.modules[name] = pkg
-
-
-def _pytest_root_package_names(repo: Path) -> list[tuple[str, Path]]:
-    """The dotted name(s) under which pytest's Package collector would import the root __init__.py."""
-    parts = [(repo.name, repo)]
-    folder = repo.parent
-    while (folder / "__init__.py").is_file():
-        parts.insert(0, (folder.name, folder))
-        folder = folder.parent
-    return [(".".join(name for name, _ in parts[: i + 1]), path) for i, (_, path) in enumerate(parts)]
-
-
-_register_package("tests", REPO / "tests")
-_register_package(PACK_PACKAGE, REPO)
-# The repository root has an __init__.py (it is the pack), so pytest collects it as a Package and
-# imports that __init__.py before the first test, under the folder's name -- which would load the
-# whole pack (and ComfyUI) into every test run. Registering that name first makes the import a no-op.
-for _name, _path in _pytest_root_package_names(REPO):
-    if _name not in sys.modules:
-        _register_package(_name, _path)
-
-from tests.harness import comfy_host, torchvision_cpu  # noqa: E402
+from tests.harness import comfy_host  # noqa: E402
 from tests.harness.comfy_host import MODEL_FOLDERS, ComfyServer  # noqa: E402
 
-
-def _is_repo(entry: str) -> bool:
-    try:
-        return Path(entry or ".").resolve() == REPO
-    except OSError:
-        return False
-
-
-def _prepare_comfy_imports() -> Path | None:
-    """Makes ComfyUI importable in this process, CPU-only; None if there is no ComfyUI yet."""
-    try:
-        path = comfy_host.comfy_dir()
-    except FileNotFoundError as exc:
-        log.warning("%s", exc)
-        return None
-    # The checkout must not be on sys.path (`python -m pytest` puts the working directory there):
-    # its nodes/ and models/ packages would shadow ComfyUI's own `nodes` module.
-    sys.path[:] = [p for p in sys.path if not _is_repo(p)]
-    if str(path) not in sys.path:
-        sys.path.insert(0, str(path))  # first, as `python main.py` has it
-    torchvision_cpu.install()
-    if "comfy.model_management" in sys.modules:
-        log.warning("comfy.model_management was imported before conftest could select the CPU")
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = True
-    return path
-
-
-COMFY_DIR = _prepare_comfy_imports()
+log = logging.getLogger("tests")
 
 
 class Models:
