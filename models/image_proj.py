@@ -1,4 +1,4 @@
-"""The three projection models that turn a CLIP image encoding into image tokens.
+"""The projection models that turn a CLIP image encoding into image tokens.
 
 Attribute names follow the published weight files, so `load_state_dict` takes their
 `image_proj.*` tensors as they are, strictly.
@@ -80,12 +80,16 @@ def _feed_forward(dim: int, mult: int = 4) -> nn.Sequential:
     )
 
 
-class Resampler(nn.Module):
-    """Plus / plus-face: `tokens` learned queries read the penultimate hidden states."""
+class PerceiverResampler(nn.Module):
+    """Given latents read projected features through `depth` attention + feed-forward layers.
 
-    def __init__(self, dim: int, depth: int, heads: int, tokens: int, embed_dim: int, context_dim: int):
+    The stack shared by plus adapters (learned latents, `Resampler`) and FaceID Plus (latents
+    made from the face embedding, models/faceid_proj.py). Keys: proj_in, proj_out, norm_out,
+    layers.{i}.0 (attention), layers.{i}.1 (feed-forward).
+    """
+
+    def __init__(self, dim: int, depth: int, heads: int, embed_dim: int, context_dim: int):
         super().__init__()
-        self.latents = nn.Parameter(torch.randn(1, tokens, dim) / dim**0.5)
         self.proj_in = nn.Linear(embed_dim, dim)
         self.proj_out = nn.Linear(dim, context_dim)
         self.norm_out = nn.LayerNorm(context_dim)
@@ -93,11 +97,23 @@ class Resampler(nn.Module):
             nn.ModuleList([PerceiverAttention(dim, heads), _feed_forward(dim)]) for _ in range(depth)
         )
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # [B, 257, embed_dim] -> [B, tokens, context_dim]
-        latents = self.latents.repeat(hidden_states.shape[0], 1, 1)
+    def forward(self, hidden_states: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        # hidden_states [B, S, embed_dim], latents [B, T, dim] -> [B, T, context_dim]
         features = self.proj_in(hidden_states)
         for attention, feed_forward in self.layers:
             latents = attention(features, latents) + latents
             latents = feed_forward(latents) + latents
         return self.norm_out(self.proj_out(latents))
+
+
+class Resampler(PerceiverResampler):
+    """Plus / plus-face: `tokens` learned queries read the penultimate hidden states."""
+
+    def __init__(self, dim: int, depth: int, heads: int, tokens: int, embed_dim: int, context_dim: int):
+        super().__init__(dim, depth, heads, embed_dim, context_dim)
+        self.latents = nn.Parameter(torch.randn(1, tokens, dim) / dim**0.5)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # [B, 257, embed_dim] -> [B, tokens, context_dim]
+        latents = self.latents.repeat(hidden_states.shape[0], 1, 1)
+        return super().forward(hidden_states, latents)
