@@ -22,15 +22,19 @@ COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average")
 
 @dataclass(frozen=True)
 class ImageEmbeds:
-    """CLIP encodings of reference images and of the unconditional (negative) image.
+    """Encodings of reference images (or faces) and of the unconditional (negative) input.
 
-    cond: [N, D] image_embeds or [N, 257, D] penultimate hidden states, one row per reference.
-    uncond: the same shape with 1 row (one negative shared by all references) or N rows.
+    cond: [N, D] image_embeds or face embeddings, or [N, 257, D] penultimate hidden states, one
+    row per reference. uncond: the same shape with 1 row (one negative shared by all references)
+    or N rows. FaceID Plus adds crop_cond / crop_uncond: CLIP penultimate hidden states of each
+    face's aligned crop, [N, 257, 1280] and [1 or N, 257, 1280].
     """
 
     cond: torch.Tensor
     uncond: torch.Tensor
-    output: str  # "image_embeds" or "penultimate"
+    output: str  # "image_embeds", "penultimate"; faces: "arcface" (normed) or "arcface_raw"
+    crop_cond: torch.Tensor | None = None
+    crop_uncond: torch.Tensor | None = None
 
     @property
     def width(self) -> int:
@@ -44,9 +48,11 @@ class ImageEmbeds:
     def shared_negative(self) -> bool:
         return self.uncond.shape[0] == 1
 
-    def uncond_per_reference(self) -> torch.Tensor:
-        """The negatives as [N, ...], one per reference (a shared one repeated)."""
-        return self.uncond.expand(self.count, *self.uncond.shape[1:])
+
+
+def _repeat_rows(t: torch.Tensor, count: int) -> torch.Tensor:
+    """[1 or count, ...] -> [count, ...]: a shared negative repeated for every reference."""
+    return t.expand(count, *t.shape[1:])
 
 
 def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
@@ -71,17 +77,28 @@ def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_MODES)}")
 
 
+def _fold(cond: torch.Tensor, uncond: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return combine(cond, mode), uncond if uncond.shape[0] == 1 else combine(uncond, mode)
+
+
 def combine_embeds(embeds: ImageEmbeds, mode: str) -> ImageEmbeds:
     """Several references folded into one with `mode`, the negative by the module's rule."""
+    if mode not in COMBINE_MODES:
+        raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_MODES)}")
     if mode == "concat" or embeds.count == 1:
-        if mode not in COMBINE_MODES:
-            raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_MODES)}")
         return embeds
-    uncond = embeds.uncond if embeds.shared_negative else combine(embeds.uncond, mode)
-    return ImageEmbeds(combine(embeds.cond, mode), uncond, embeds.output)
+    cond, uncond = _fold(embeds.cond, embeds.uncond, mode)
+    crop_cond, crop_uncond = embeds.crop_cond, embeds.crop_uncond
+    if crop_cond is not None:
+        crop_cond, crop_uncond = _fold(crop_cond, crop_uncond, mode)
+    return ImageEmbeds(cond, uncond, embeds.output, crop_cond, crop_uncond)
 
 
-def image_tokens(project: Callable[[torch.Tensor], torch.Tensor], embeds: ImageEmbeds, combine_mode: str,
+# project(encodings, crop states or None) -> tokens [N, T, C]
+Projection = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def image_tokens(project: Projection, embeds: ImageEmbeds, combine_mode: str,
                  one_per_latent: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Cond and uncond image tokens, [1 or N, T, C] each, from encodings and a projection.
 
@@ -91,12 +108,11 @@ def image_tokens(project: Callable[[torch.Tensor], torch.Tensor], embeds: ImageE
     """
     if not one_per_latent:
         embeds = combine_embeds(embeds, combine_mode)
-    cond = project(embeds.cond)
-    uncond = project(embeds.uncond)
+    cond = project(embeds.cond, embeds.crop_cond)
+    uncond = project(embeds.uncond, embeds.crop_uncond)
     if one_per_latent:
         return cond, uncond
-    uncond = uncond.expand(embeds.count, *uncond.shape[1:])
-    return concat_tokens(cond), concat_tokens(uncond)
+    return concat_tokens(cond), concat_tokens(_repeat_rows(uncond, embeds.count))
 
 
 def concat_tokens(tokens: torch.Tensor) -> torch.Tensor:
@@ -115,8 +131,19 @@ def merge(first: ImageEmbeds, *others: ImageEmbeds) -> ImageEmbeds:
                 f"cannot merge {other.output} {list(other.cond.shape[1:])} with {first.output} "
                 f"{list(first.cond.shape[1:])}: encode every image with the same CLIP vision model and adapter"
             )
+        if (other.crop_cond is None) != (first.crop_cond is None):
+            raise ValueError("cannot merge face encodings with and without face crops: encode every face for the "
+                             "same adapter")
     items = (first, *others)
+    crops = first.crop_cond is not None
     cond = torch.cat([e.cond for e in items])
-    if all(e.shared_negative and torch.equal(e.uncond, first.uncond) for e in items):
-        return ImageEmbeds(cond, first.uncond, first.output)
-    return ImageEmbeds(cond, torch.cat([e.uncond_per_reference() for e in items]), first.output)
+    crop_cond = torch.cat([e.crop_cond for e in items]) if crops else None
+    shared = all(e.shared_negative and torch.equal(e.uncond, first.uncond) for e in items)
+    if crops:
+        shared = shared and all(e.crop_uncond.shape[0] == 1 and torch.equal(e.crop_uncond, first.crop_uncond)
+                                for e in items)
+    if shared:
+        return ImageEmbeds(cond, first.uncond, first.output, crop_cond, first.crop_uncond)
+    uncond = torch.cat([_repeat_rows(e.uncond, e.count) for e in items])
+    crop_uncond = torch.cat([_repeat_rows(e.crop_uncond, e.count) for e in items]) if crops else None
+    return ImageEmbeds(cond, uncond, first.output, crop_cond, crop_uncond)

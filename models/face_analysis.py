@@ -255,6 +255,7 @@ class FaceResult:
     """One face of one picture (coordinates in pixels of that picture)."""
 
     embedding: torch.Tensor  # [512] float32, unit length: ArcFace's normed embedding
+    raw_embedding: torch.Tensor  # [512] float32: ArcFace's embedding before normalising
     aligned_crop: torch.Tensor  # [crop, crop, 3] float32 0..1 RGB: norm_crop on the five key points
     bbox: tuple[float, float, float, float]  # x1, y1, x2, y2
     kps: torch.Tensor  # [5, 2] float32 (x, y): eyes, nose tip, mouth corners
@@ -402,6 +403,7 @@ def analyse(
               [round(v, 1) for v in bbox], float(face.det_score))
     return FaceResult(
         embedding=embedding,
+        raw_embedding=torch.from_numpy(raw.copy()),
         aligned_crop=crop,
         bbox=bbox,  # type: ignore[arg-type]
         kps=torch.from_numpy(kps.copy()),

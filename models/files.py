@@ -79,7 +79,10 @@ EMBEDS_FORMAT = "ipadapter-exact-embeds/1"
 def save_embeds(path: str, embeds: ImageEmbeds, source: str) -> None:
     """Write encodings as .safetensors (never pickle), recording what they are."""
     metadata = {"format": EMBEDS_FORMAT, "output": embeds.output, "width": str(embeds.width), "source": source}
-    save_file({"cond": embeds.cond.contiguous(), "uncond": embeds.uncond.contiguous()}, path, metadata=metadata)
+    tensors = {"cond": embeds.cond, "uncond": embeds.uncond}
+    if embeds.crop_cond is not None:
+        tensors.update(crop_cond=embeds.crop_cond, crop_uncond=embeds.crop_uncond)
+    save_file({k: t.contiguous() for k, t in tensors.items()}, path, metadata=metadata)
 
 
 def load_embeds(path: str) -> ImageEmbeds:
@@ -96,16 +99,23 @@ def load_embeds(path: str) -> ImageEmbeds:
             if missing:
                 raise AdapterFormatError(f"{name} has no {' and no '.join(missing)} tensor (damaged file)")
             cond, uncond = f.get_tensor("cond"), f.get_tensor("uncond")
+            crops = [f.get_tensor(k) for k in ("crop_cond", "crop_uncond") if k in f.keys()]
     except (SafetensorError, OSError) as e:
         raise AdapterFormatError(f"{name} is not a readable .safetensors file (truncated or corrupt?): {e}") from e
     _check_embeds(name, metadata, cond, uncond)
+    if crops:
+        if len(crops) != 2 or crops[0].ndim != 3 or crops[0].shape[0] != cond.shape[0]:
+            raise AdapterFormatError(f"{name}: its face-crop encodings do not match its {cond.shape[0]} faces "
+                                     "(damaged file)")
+        _check_embeds(name, {"output": "penultimate", "width": str(crops[0].shape[-1])}, *crops)
+        return ImageEmbeds(cond.float(), uncond.float(), metadata["output"], crops[0].float(), crops[1].float())
     return ImageEmbeds(cond.float(), uncond.float(), metadata["output"])
 
 
 def _check_embeds(name: str, metadata: dict, cond: torch.Tensor, uncond: torch.Tensor) -> None:
     """Metadata and tensors of an embeddings file must agree: [N, D] image_embeds or [N, T, D] penultimate."""
     output, width = metadata.get("output"), metadata.get("width", "")
-    rank = {"image_embeds": 2, "penultimate": 3}.get(output)
+    rank = {"image_embeds": 2, "penultimate": 3, "arcface": 2, "arcface_raw": 2}.get(output)
     if rank is None or not width.isdigit() or cond.ndim != rank or cond.shape[-1] != int(width) or not cond.shape[0]:
         raise AdapterFormatError(
             f"{name}: its metadata (output={output!r}, width={width!r}) does not describe its cond tensor "

@@ -8,11 +8,11 @@ inputs shared by several nodes.
 """
 
 from . import comfy_seam
-from .apply import ApplyIPAdapter, IPAdapterAllInOne, IPAdapterStyleComposition
+from .apply import ApplyIPAdapter, ApplyIPAdapterFaceID, IPAdapterAllInOne, IPAdapterStyleComposition
 from .embeds import IPAdapterCombineEmbeds, IPAdapterLoadEmbeds, IPAdapterSaveEmbeds
-from .encode import EncodeIPAdapterImage, IPAdapterNoiseImage
+from .encode import EncodeIPAdapterFace, EncodeIPAdapterImage, IPAdapterNoiseImage
 from .layer_weights import IPAdapterLayerWeights
-from .load import LoadIPAdapter
+from .load import LoadInsightFace, LoadIPAdapter
 
 comfy_seam.check_comfyui_version()
 comfy_seam.register_folders()
@@ -30,6 +30,9 @@ NODES = {
     "IPAdapterExactNoise": (IPAdapterNoiseImage, "IP-Adapter Noise Image"),
     "IPAdapterExactSaveEmbeds": (IPAdapterSaveEmbeds, "Save IP-Adapter Embeds"),
     "IPAdapterExactLoadEmbeds": (IPAdapterLoadEmbeds, "Load IP-Adapter Embeds"),
+    "IPAdapterExactLoadInsightFace": (LoadInsightFace, "Load InsightFace"),
+    "IPAdapterExactEncodeFace": (EncodeIPAdapterFace, "IP-Adapter Encode Face"),
+    "IPAdapterExactApplyFaceID": (ApplyIPAdapterFaceID, "Apply IP-Adapter FaceID"),
 }
 NODE_CLASS_MAPPINGS = {node_id: cls for node_id, (cls, _) in NODES.items()}
 NODE_DISPLAY_NAME_MAPPINGS = {node_id: name for node_id, (_, name) in NODES.items()}

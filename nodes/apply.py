@@ -7,6 +7,7 @@ patches a clone of the model (stage 4).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -20,19 +21,39 @@ from .encode import encode_embeds
 from .widgets import CATEGORY, CLIP_VISION, COMBINE, END, IPADAPTER, MODEL, START, WEIGHT, WEIGHT_TYPE
 
 
+@dataclass(frozen=True)
+class FaceIDOptions:
+    """FaceID controls: Plus v2's shortcut and its face-structure weight s_scale, and the strength of
+    the LoRA the file carries (1.0 = as the reference implementation and diffusers load it)."""
+
+    plus_v2: bool = True
+    s_scale: float = 1.0
+    lora_strength: float = 1.0
+
+
 def check_embeds(adapter: seam.LoadedAdapter, embeds: ImageEmbeds) -> None:
     spec = adapter.spec
+    if spec.is_faceid and embeds.output not in ("arcface", "arcface_raw"):
+        raise ValueError(f"{adapter.name} is a FaceID adapter: it takes face embeddings from IP-Adapter Encode Face, "
+                         f"not {embeds.output} from IP-Adapter Encode Image")
     if embeds.output != spec.encoder_output or embeds.width != spec.embed_dim:
         raise ValueError(
             f"{adapter.name} takes {spec.encoder} {spec.encoder_output} of {spec.embed_dim}; these embeds are "
-            f"{embeds.output} of {embeds.width}: encode the image for this adapter (same CLIP vision model)"
+            f"{embeds.output} of {embeds.width}: encode the image for this adapter (same encoder and adapter)"
         )
+    if spec.needs_face_crop and embeds.crop_cond is None:
+        raise ValueError(f"{adapter.name} is FaceID Plus: it also needs the CLIP encodings of the face crops; connect "
+                         "a ViT-H CLIP vision model to IP-Adapter Encode Face")
+    if embeds.crop_cond is not None and embeds.crop_cond.shape[-1] != spec.crop_embed_dim:
+        raise ValueError(f"{adapter.name} takes {spec.crop_encoder} face-crop states of {spec.crop_embed_dim}; these "
+                         f"are {embeds.crop_cond.shape[-1]} wide: use the {spec.crop_encoder} CLIP vision model")
 
 
 def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weight: float = 1.0,
                   weight_type: str = "V only", start_at: float = 0.0, end_at: float = 1.0,
                   combine_embeds: str = "concat", attn_mask: torch.Tensor | None = None,
-                  layer_weights: Sequence[float] | None = None, one_per_latent: bool = False):
+                  layer_weights: Sequence[float] | None = None, one_per_latent: bool = False,
+                  faceid: FaceIDOptions = FaceIDOptions()):
     """A patched clone of `model`; every check runs before anything is built."""
     window = ScheduleWindow(start_at, end_at)
     if layer_weights is not None and len(layer_weights) != len(adapter.spec.layers):
@@ -40,8 +61,9 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
     mask = None if attn_mask is None else check_mask(attn_mask)
     check_embeds(adapter, embeds)
     seam.check_fits(model, adapter)
-    cond_tokens, uncond_tokens = image_tokens(seam.token_projector(model, adapter), embeds, combine_embeds,
-                                              one_per_latent)
+    shortcut = faceid.plus_v2 if adapter.spec.needs_face_crop else None
+    project = seam.token_projector(model, adapter, shortcut, faceid.s_scale)
+    cond_tokens, uncond_tokens = image_tokens(project, embeds, combine_embeds, one_per_latent)
     application = IPApplication(
         adapter=adapter.model,
         cond_tokens=cond_tokens,
@@ -51,7 +73,9 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
         layer_weights=None if layer_weights is None else tuple(layer_weights),
         mask=mask,
     )
-    return seam.patch_model(model, adapter, application, window)
+    patched = seam.patch_model(model, adapter, application, window)
+    seam.add_adapter_lora(patched, adapter, faceid.lora_strength)
+    return patched
 
 
 class ApplyIPAdapter:
@@ -153,3 +177,53 @@ class IPAdapterStyleComposition:
             model = apply_adapter(model, ipadapter, embeds, weight, weight_type, start_at, end_at,
                                   layer_weights=LayerWeights(preset).for_layers(layers))
         return (model,)
+
+
+class ApplyIPAdapterFaceID:
+    DESCRIPTION = ("Adds a face reference (FaceID, FaceID Plus / Plus v2, Portrait) to a clone of the model, with "
+                   "the LoRA the FaceID file carries applied through ComfyUI's LoRA patching. The input model is "
+                   "not changed; it stacks with other adapters and LoRA nodes.")
+    CATEGORY = CATEGORY
+    FUNCTION = "apply"
+    RETURN_TYPES = ("MODEL",)
+    RETURN_NAMES = ("model",)
+    OUTPUT_TOOLTIPS = ("The model with the face reference attached.",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": MODEL,
+                "ipadapter": ("IP_ADAPTER", {"tooltip": "A FaceID adapter from Load IP-Adapter."}),
+                "image_embeds": ("IP_ADAPTER_EMBEDS", {"tooltip": "From IP-Adapter Encode Face."}),
+                "weight": WEIGHT,
+                "faceid_plus_version": (["v2", "v1"], {
+                    "default": "v2",
+                    "tooltip": "FaceID Plus only: v1 and v2 files have the same weights, so say which this is. v2 "
+                               "adds the face embedding's own tokens (the shortcut), scaled by face_structure."}),
+                "face_structure": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 5.0, "step": 0.05,
+                                             "tooltip": "FaceID Plus v2: weight of the face-crop (CLIP) path added to "
+                                                        "the identity tokens (s_scale)."}),
+                "lora_strength": ("FLOAT", {"default": 1.0, "min": -1.0, "max": 3.0, "step": 0.05,
+                                            "tooltip": "Strength of the LoRA stored in the FaceID file (1.0 as the "
+                                                       "reference implementation; Portrait files have none)."}),
+                "weight_type": WEIGHT_TYPE,
+                "start_at": START,
+                "end_at": END,
+                "combine_embeds": COMBINE,
+            },
+            "optional": {
+                "attn_mask": ("MASK", {"tooltip": "Where in the picture the face reference acts (white = fully)."}),
+                "layer_weights": ("IP_ADAPTER_LAYER_WEIGHTS", {
+                    "tooltip": "Per-layer multipliers from the IP-Adapter Layer Weights node."}),
+            },
+        }
+
+    def apply(self, model, ipadapter, image_embeds, weight, faceid_plus_version, face_structure, lora_strength,
+              weight_type, start_at, end_at, combine_embeds, attn_mask=None, layer_weights=None):
+        if not ipadapter.spec.is_faceid:
+            raise ValueError(f"{ipadapter.name} is not a FaceID adapter: use Apply IP-Adapter for it")
+        weights = None if layer_weights is None else layer_weights.for_layers(ipadapter.spec.layers)
+        options = FaceIDOptions(faceid_plus_version == "v2", face_structure, lora_strength)
+        return (apply_adapter(model, ipadapter, image_embeds, weight, weight_type, start_at, end_at, combine_embeds,
+                              attn_mask, weights, faceid=options),)

@@ -12,6 +12,7 @@ Oldest ComfyUI supported: MIN_COMFYUI (see `check_comfyui_version`).
 from __future__ import annotations
 
 import gc
+import importlib
 import inspect
 import logging
 import os
@@ -30,6 +31,7 @@ import folder_paths
 import torch
 
 from ..ip_adapter_core.attention import IPApplication
+from ..ip_adapter_core.embeds import Projection
 from ..ip_adapter_core.layout import AdapterSpec, BlockKey
 from ..ip_adapter_core.schedule import ScheduleWindow
 from ..models.files import load_adapter
@@ -41,6 +43,7 @@ MIN_COMFYUI = (0, 3, 0)
 ADAPTER_FOLDER = "ipadapter"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 EMBEDS_FOLDER = "ipadapter_embeds"
+FACE_FOLDER = "insightface"  # model packs as <folder>/models/<name>/*.onnx (insightface's layout)
 COMFY_COND, COMFY_UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
 
 
@@ -83,6 +86,34 @@ def register_folders() -> None:
     register_folder(ADAPTER_FOLDER, [os.path.join(folder_paths.models_dir, ADAPTER_FOLDER)], ADAPTER_EXTENSIONS)
     register_folder(EMBEDS_FOLDER, [os.path.join(folder_paths.models_dir, EMBEDS_FOLDER), embeds_output_folder()],
                     {".safetensors"})
+    register_folder(FACE_FOLDER, [os.path.join(folder_paths.models_dir, FACE_FOLDER)], {".onnx"})
+
+
+def face_model_packs() -> dict[str, str]:
+    """{pack name: folder} of the insightface model packs found: <insightface>/models/<name>/ or
+    <insightface>/<name>/ holding .onnx files, in every folder registered as 'insightface'."""
+    packs: dict[str, str] = {}
+    for root in folder_paths.get_folder_paths(FACE_FOLDER):
+        for parent in (os.path.join(root, "models"), root):
+            if not os.path.isdir(parent):
+                continue
+            for name in sorted(os.listdir(parent)):
+                folder = os.path.join(parent, name)
+                if name != "models" and os.path.isdir(folder) and name not in packs and any(
+                        f.endswith(".onnx") for f in os.listdir(folder)):
+                    packs[name] = folder
+    return packs
+
+
+def face_pack_folder(name: str) -> str:
+    """The folder of model pack `name`, or an error saying where to put it."""
+    packs = face_model_packs()
+    if name in packs:
+        return packs[name]
+    roots = folder_paths.get_folder_paths(FACE_FOLDER)
+    where = os.path.join(roots[0] if roots else "models/insightface", "models", name)
+    raise FileNotFoundError(f"no insightface model pack {name!r}: put its .onnx files in {where} "
+                            f"(found: {', '.join(packs) or 'none'})")
 
 
 def embeds_output_folder() -> str:
@@ -196,16 +227,57 @@ def load_adapter_file(name: str) -> LoadedAdapter:
     return ADAPTERS.get(full_path(ADAPTER_FOLDER, name))
 
 
-def token_projector(model: comfy.model_patcher.ModelPatcher,
-                    adapter: LoadedAdapter) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Projects encodings to image tokens in the UNet's dtype on the device it samples on."""
+def token_projector(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
+                    shortcut: bool | None = None, s_scale: float = 1.0) -> Projection:
+    """Projects encodings to image tokens in the UNet's dtype on the device it samples on.
+
+    shortcut / s_scale: FaceID Plus only (v2 = shortcut, s_scale its face-structure weight).
+    """
     dtype, device = model.model_dtype(), model.load_device
     comfy.model_management.load_model_gpu(adapter.patcher)
+    plus = adapter.spec.needs_face_crop
 
-    def project(encodings: torch.Tensor) -> torch.Tensor:
-        return adapter.model.image_tokens(encodings, dtype=dtype, device=device)
+    def project(encodings: torch.Tensor, crop_states: torch.Tensor | None) -> torch.Tensor:
+        if not plus:
+            return adapter.model.image_tokens(encodings, dtype=dtype, device=device)
+        return adapter.model.image_tokens(encodings, dtype=dtype, device=device, crop_states=crop_states,
+                                          shortcut=shortcut, s_scale=s_scale)
 
     return project
+
+
+def add_adapter_lora(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter, strength: float) -> None:
+    """The LoRA a FaceID file carries, added to `model` (a clone) through ComfyUI's own LoRA
+    patching at `strength`, so it composes with LoRA nodes before or after. W' = W + s * up @ down
+    (no alpha in the file: scale 1, as diffusers and the reference load it). The tensors are the
+    adapter's own: nothing is copied per application."""
+    if strength == 0.0 or not adapter.spec.has_lora:
+        return
+    model_keys = set(model.model.state_dict().keys())
+    patches = {}
+    for key, (up, down) in adapter.model.lora_patches().items():
+        if key not in model_keys:
+            raise ValueError(f"{adapter.name}'s LoRA patches {key}, which this model does not have: "
+                             "use a FaceID adapter made for this model")
+        patches[key] = _lora_patch(up, down)
+    added = model.add_patches(patches, strength)
+    if len(added) != len(patches):
+        raise RuntimeError(f"ComfyUI took {len(added)} of the {len(patches)} LoRA weights of {adapter.name}")
+
+
+def _lora_patch(up: torch.Tensor, down: torch.Tensor):
+    """One LoRA weight patch in the form this ComfyUI release's weight patching reads."""
+    weight_adapter = sys.modules.get("comfy.weight_adapter") or _import_optional("comfy.weight_adapter")
+    if weight_adapter is not None and hasattr(weight_adapter, "LoRAAdapter"):
+        return weight_adapter.LoRAAdapter(set(), (up, down, None, None, None, None))
+    return ("lora", (up, down, None, None, None, None))  # releases before weight adapters
+
+
+def _import_optional(name: str):
+    try:
+        return importlib.import_module(name)
+    except ImportError:
+        return None
 
 
 # --- CLIP vision -----------------------------------------------------------------------------

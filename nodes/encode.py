@@ -22,6 +22,9 @@ TOOLTIPS = {
 
 
 def check_encoder(clip_vision, spec: AdapterSpec) -> None:
+    if spec.is_faceid:
+        raise ValueError(f"this is an IP-Adapter {spec.variant}: it takes a face, not a CLIP image encoding; use "
+                         "IP-Adapter Encode Face (with Load InsightFace)")
     width = seam.clip_vision_widths(clip_vision)[spec.encoder_output]
     if width != spec.embed_dim:
         raise ValueError(
@@ -93,6 +96,77 @@ class EncodeIPAdapterImage:
     def encode(self, ipadapter: seam.LoadedAdapter, clip_vision, image, crop: str, negative: str,
                negative_image=None) -> tuple[ImageEmbeds]:
         return (encode_embeds(clip_vision, image, ipadapter.spec, crop, negative, negative_image),)
+
+
+def encode_faces(face_models, image: torch.Tensor, spec: AdapterSpec, face_index: int,
+                 clip_vision=None) -> tuple[ImageEmbeds, torch.Tensor]:
+    """Face embeddings of every picture of `image` (its `face_index`-th face by size; -1: all its faces),
+    and the aligned face crops [N, 224, 224, 3]. FaceID Plus also encodes each crop with CLIP.
+
+    The negative follows the reference implementation: a zero face embedding (and, for Plus, the
+    CLIP states of an all-zero normalised pixel tensor).
+    """
+    from ..models.face_analysis import analyse
+
+    if not spec.is_faceid:
+        raise ValueError(f"this is an IP-Adapter {spec.variant}, not a FaceID adapter: use IP-Adapter Encode Image")
+    if spec.needs_face_crop:
+        if clip_vision is None:
+            raise ValueError(f"FaceID Plus also encodes the face crop with CLIP: connect the {spec.crop_encoder} "
+                             "CLIP vision model to clip_vision")
+        width = seam.clip_vision_widths(clip_vision)["penultimate"]
+        if width != spec.crop_embed_dim:
+            raise ValueError(f"this adapter expects {spec.crop_encoder} penultimate states of {spec.crop_embed_dim} "
+                             f"for the face crop, the CLIP vision model gives {width} "
+                             f"({encoder_name(width, 'penultimate')}): load the {spec.crop_encoder} CLIP vision model")
+    image = check_image(image)
+    faces = []
+    for i in range(image.shape[0]):
+        label = f"image {i + 1} of {image.shape[0]}"
+        first = analyse(face_models, image[i], index=max(face_index, 0), label=label)
+        faces.append(first)
+        if face_index == -1:
+            faces += [analyse(face_models, image[i], index=k, label=label) for k in range(1, first.face_count)]
+    raw = spec.face_input == "arcface_raw"
+    cond = torch.stack([f.raw_embedding if raw else f.embedding for f in faces])
+    crops = torch.stack([f.aligned_crop for f in faces])
+    embeds = ImageEmbeds(cond, torch.zeros(1, cond.shape[-1]), spec.face_input)
+    if spec.needs_face_crop:
+        crop_cond = seam.clip_encode(clip_vision, crops, "penultimate", center_crop=True)
+        embeds = ImageEmbeds(cond, embeds.uncond, spec.face_input, crop_cond, seam.clip_encode_zero_pixels(clip_vision))
+    return embeds, crops
+
+
+class EncodeIPAdapterFace:
+    DESCRIPTION = ("Finds the face in each reference picture (insightface), and gives its identity embedding for a "
+                   "FaceID adapter, plus the CLIP encoding of the aligned face for FaceID Plus. Several pictures "
+                   "(or all faces) give several faces: Portrait uses them all.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("IP_ADAPTER_EMBEDS", "IMAGE")
+    RETURN_NAMES = ("image_embeds", "faces")
+    OUTPUT_TOOLTIPS = ("Face encodings and their negative, for Apply IP-Adapter FaceID.",
+                       "The aligned faces that were used (224 px), to check what was found.")
+    FUNCTION = "encode"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "ipadapter": ("IP_ADAPTER", {"tooltip": "A FaceID adapter: decides what is encoded."}),
+                "insightface": ("INSIGHTFACE", {"tooltip": "From Load InsightFace."}),
+                "image": ("IMAGE", {"tooltip": "Picture(s) with the face; each picture gives one face."}),
+                "face_index": ("INT", {"default": 0, "min": -1, "max": 63,
+                                       "tooltip": "Which face of each picture: 0 = the largest, 1 the next largest, "
+                                                  "...; -1 = every face found."}),
+            },
+            "optional": {
+                "clip_vision": ("CLIP_VISION", {"tooltip": "FaceID Plus: the ViT-H CLIP vision model, for the face "
+                                                           "crop."}),
+            },
+        }
+
+    def encode(self, ipadapter: seam.LoadedAdapter, insightface, image, face_index: int, clip_vision=None):
+        return encode_faces(insightface, image, ipadapter.spec, face_index, clip_vision)
 
 
 class IPAdapterNoiseImage:

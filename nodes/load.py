@@ -32,3 +32,32 @@ class LoadIPAdapter:
     def load(self, ipadapter_file: str) -> tuple[seam.LoadedAdapter, str]:
         adapter = seam.load_adapter_file(ipadapter_file)
         return adapter, adapter.spec.describe()
+
+
+PROVIDERS = ("CPU", "CUDA", "ROCM", "DirectML", "OpenVINO", "CoreML")
+
+
+class LoadInsightFace:
+    DESCRIPTION = ("Loads an insightface model pack (buffalo_l or antelopev2) for FaceID: face detection and the "
+                   "ArcFace identity embedding. Needs the optional package: pip install insightface onnxruntime.")
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("INSIGHTFACE",)
+    RETURN_NAMES = ("insightface",)
+    OUTPUT_TOOLTIPS = ("Face detection and recognition, for IP-Adapter Encode Face.",)
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        packs = sorted(set(seam.face_model_packs()) | {"buffalo_l", "antelopev2"})
+        return {"required": {
+            "model_pack": (packs, {"default": "buffalo_l",
+                                   "tooltip": "A folder of .onnx files in models/insightface/models/ (or an "
+                                              "'insightface' path of extra_model_paths.yaml)."}),
+            "provider": (list(PROVIDERS), {"default": "CPU",
+                                           "tooltip": "onnxruntime execution provider for face analysis."}),
+        }}
+
+    def load(self, model_pack: str, provider: str):
+        from ..models.face_analysis import load_face_analysis
+
+        return (load_face_analysis(seam.face_pack_folder(model_pack), [f"{provider}ExecutionProvider"]),)

@@ -25,7 +25,15 @@ import pytest
 import torch
 
 from tests.harness.comfy_host import PromptFailed, PromptRejected
-from tests.harness.hostile_corpus import IMAGE_CASES, FileCase, adapter_cases, embeds_cases, save_tensors, write_png
+from tests.harness.hostile_corpus import (
+    EMBEDS_FORMAT,
+    IMAGE_CASES,
+    FileCase,
+    adapter_cases,
+    embeds_cases,
+    save_tensors,
+    write_png,
+)
 
 CHECKPOINT = "sd15_tiny.safetensors"
 GOOD_ADAPTER = "sd15_tiny_base.safetensors"
@@ -165,7 +173,7 @@ def hostile(comfy_server, models, tmp_path_factory):
     save_tensors(h.embeds_dir / GOOD_EMBEDS,
                  {"cond": torch.randn(1, 1024, generator=torch.Generator().manual_seed(5)),
                   "uncond": torch.zeros(1, 1024)},
-                 {"format": "ipadapter-exact-embeds/1", "output": "image_embeds", "width": "1024", "source": "tests"})
+                 {"format": EMBEDS_FORMAT, "output": "image_embeds", "width": "1024", "source": "tests"})
     write_png(comfy_server.input_dir / GOOD_IMAGE, 64, 64, seed=1)
     for case in IMAGE_CASES:
         write_png(comfy_server.input_dir / case.name, case.width, case.height, case.mode, seed=2)
@@ -509,8 +517,7 @@ def test_no_node_changes_the_model_or_clip_vision_it_is_given(pack, adapters, sd
 
 def test_stats_route_needs_no_server(pack):
     """Importing the pack without a running ComfyUI server registers no route; the figures still exist."""
-    from ipadapter_pack.nodes.comfy_seam import ADAPTERS
-    from ipadapter_pack.nodes.comfy_seam import register_routes
+    from ipadapter_pack.nodes.comfy_seam import ADAPTERS, register_routes
 
     if "server" not in __import__("sys").modules:
         assert register_routes() is False

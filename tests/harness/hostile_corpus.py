@@ -252,7 +252,7 @@ def _truncated_torch(source: Path) -> Callable[[Path], None]:
 
 # --- embeddings files (output/ipadapter_embeds) ------------------------------------------------
 
-EMBEDS_FORMAT = "ipadapter-exact-embeds/1"
+from ipadapter_pack.models.files import EMBEDS_FORMAT  # noqa: E402  (the pack's own format tag)
 
 
 def _embeds(cond: torch.Tensor, uncond: torch.Tensor, output: str | None, width=None,
