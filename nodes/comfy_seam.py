@@ -133,17 +133,22 @@ def full_path(folder: str, name: str) -> str:
     return path
 
 
+def disk_stamp(path: str | None) -> tuple[int, int] | None:
+    """(size, mtime_ns) of a file, or None when it is missing: what says a file changed on disk."""
+    try:
+        stat = os.stat(path) if path else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_size, stat.st_mtime_ns)
+
+
 def file_stamp(folder: str, name: str) -> str:
     """'size:mtime_ns' of a model file, or '' when it is missing (validation reports that).
 
     Nodes return this from IS_CHANGED so they re-run when a file changes under the same name.
     """
-    path = folder_paths.get_full_path(folder, name)
-    try:
-        stat = os.stat(path) if path else None
-    except OSError:
-        stat = None
-    return "" if stat is None else f"{stat.st_size}:{stat.st_mtime_ns}"
+    stamp = disk_stamp(folder_paths.get_full_path(folder, name))
+    return "" if stamp is None else "{}:{}".format(*stamp)
 
 
 def numbered_output_path(folder: str, prefix: str, extension: str) -> str:
@@ -185,8 +190,9 @@ class AdapterCache:
         self.reads = 0  # files actually read, for tests and the stats route
 
     def get(self, path: str) -> LoadedAdapter:
-        stat = os.stat(path)
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        stamp = disk_stamp(path)
+        if stamp is None:
+            raise FileNotFoundError(f"{path} does not exist (any more)")
         with self._lock:
             cached = self._entries.get(path)
             if cached is not None and cached.stamp == stamp:
