@@ -132,8 +132,8 @@ def test_controls_match_diffusers(pair, tmp_path):
     from diffusers.image_processor import IPAdapterMaskProcessor
     from diffusers.loaders.ip_adapter import IPAdapterMixin
 
-    from ipadapter_pack.ip_adapter_core.layer_weights import LayerWeights
     from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds
+    from ipadapter_pack.ip_adapter_core.layer_weights import LayerWeights
     from ipadapter_pack.nodes.apply import apply_adapter
     from ipadapter_pack.nodes.comfy_seam import ADAPTERS
 
