@@ -28,6 +28,11 @@ SD15_FINETUNE = "dreamshaper_8.safetensors"
 SDXL = "sd_xl_base_1.0.safetensors"
 VIT_H = "CLIP-ViT-H-14-laion2B-s32B-b79K.safetensors"
 NEGATIVE = "blurry, lowres, watermark, text"
+FACE_PACK = "buffalo_l"
+INSIGHTFACE = ("FaceID finds the face with insightface: `pip install insightface onnxruntime` (NVIDIA GPU: "
+               "`onnxruntime-gpu` instead of `onnxruntime`) in ComfyUI's Python, then restart ComfyUI. Its "
+               f"model pack: unpack `{FACE_PACK}` into `models/insightface/models/{FACE_PACK}/` (`det_10g.onnx`, "
+               "`w600k_r50.onnx`, ...).")
 
 
 def load_node_classes() -> dict:
@@ -122,7 +127,7 @@ class Graph:
             col = depth[node.id]
             y = column_y.get(col, 60)
             height = 60 + 26 * (len(inputs) + len(widgets) + len(node.outputs))
-            if node.type == "LoadImage":
+            if node.type in ("LoadImage", "PreviewImage"):
                 height += 240  # room for the picture preview the frontend draws inside the node
             column_y[col] = y + height + 40
             ui = {
@@ -362,6 +367,69 @@ def composition_block_dict(g: Graph):
     sample(g, model, ckpt.out("CLIP"), "a house in a forest", "ipadapter_composition", vae=ckpt.out("VAE"))
 
 
+def faceid_models(g: Graph, adapter: str):
+    loader = g.add("IPAdapterExactLoader", ipadapter_file=adapter)
+    return loader, g.add("IPAdapterExactLoadInsightFace", model_pack=FACE_PACK, provider="CPU")
+
+
+def faceid_portrait_sd15(g: Graph):
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    g.note("FaceID Portrait: several pictures of one person (other angles and light help) give one identity. "
+           "The largest face of each picture is used, all of them together (16 tokens each); no CLIP vision "
+           "model and no LoRA. ImageBatch fits the later pictures to the first one's size (scaled and "
+           "centre-cropped): use pictures of one size.\n\n"
+           "Files: `models/ipadapter/ip-adapter-faceid-portrait_sd15.bin`, an SD1.5 checkpoint. " + INSIGHTFACE)
+    loader, analysis = faceid_models(g, "ip-adapter-faceid-portrait_sd15.bin")
+    pictures = [reference(g, f"ipadapter_face_{i}.png", f"Face picture {i}") for i in (1, 2, 3)]
+    batch = g.add("ImageBatch", image1=pictures[0], image2=pictures[1]).out(0)
+    batch = g.add("ImageBatch", image1=batch, image2=pictures[2]).out(0)
+    faces = g.add("IPAdapterExactEncodeFace", ipadapter=loader.out(0), insightface=analysis.out(0), image=batch)
+    model = g.add("IPAdapterExactApplyFaceID", model=ckpt.out("MODEL"), ipadapter=loader.out(0),
+                  image_embeds=faces.out("image_embeds"), weight=1.0).out(0)
+    sample(g, model, ckpt.out("CLIP"), "portrait photo of a person in a garden, soft light, best quality",
+           "ipadapter_faceid_portrait", vae=ckpt.out("VAE"))
+
+
+def faceid_plus_v2_sdxl(g: Graph):
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SDXL)
+    vision = g.add("CLIPVisionLoader", clip_name=VIT_H)
+    g.note("FaceID Plus v2 on SDXL: the face's identity (ArcFace) plus the CLIP ViT-H encoding of the aligned face. "
+           "`faceid_plus_version` must be v2 for a plusv2 file (v1 and v2 files hold the same weights); "
+           "`face_structure` weighs the face-crop path (1.0 as the reference). `lora_strength` 1.0 applies the LoRA "
+           "stored in the .bin, as the reference does: do not also load `ip-adapter-faceid-plusv2_sdxl_lora."
+           "safetensors` (or set lora_strength to 0). *Faces found* shows the aligned faces that were used.\n\n"
+           "Files: `models/ipadapter/ip-adapter-faceid-plusv2_sdxl.bin`, "
+           f"`models/clip_vision/{VIT_H}`, an SDXL checkpoint. " + INSIGHTFACE)
+    loader, analysis = faceid_models(g, "ip-adapter-faceid-plusv2_sdxl.bin")
+    picture = reference(g, "ipadapter_face_1.png", "Face picture")
+    faces = g.add("IPAdapterExactEncodeFace", ipadapter=loader.out(0), insightface=analysis.out(0), image=picture,
+                  clip_vision=vision.out(0))
+    g.add("PreviewImage", "Faces found", images=faces.out("faces"))
+    model = g.add("IPAdapterExactApplyFaceID", model=ckpt.out("MODEL"), ipadapter=loader.out(0),
+                  image_embeds=faces.out("image_embeds"), weight=1.0, faceid_plus_version="v2",
+                  face_structure=1.0, lora_strength=1.0).out(0)
+    sample(g, model, ckpt.out("CLIP"), "photo of a person reading in a library, best quality",
+           "ipadapter_faceid_plusv2_sdxl", width=1024, height=1024, vae=ckpt.out("VAE"))
+
+
+def face_and_style(g: Graph):
+    ckpt, vision = sd15_base(g)
+    g.note("A face and a style at once: FaceID gives the identity, a plain IP-Adapter stacked on the same model "
+           "gives the look of the style image. Lower the style weight if the face fades.\n\n"
+           "Files: `models/ipadapter/ip-adapter-faceid_sd15.bin` (its LoRA is inside: lora_strength), "
+           f"`models/ipadapter/ip-adapter_sd15.safetensors`, `models/clip_vision/{VIT_H}`, an SD1.5 checkpoint. "
+           + INSIGHTFACE)
+    loader, analysis = faceid_models(g, "ip-adapter-faceid_sd15.bin")
+    picture = reference(g, "ipadapter_face_1.png", "Face picture")
+    faces = g.add("IPAdapterExactEncodeFace", ipadapter=loader.out(0), insightface=analysis.out(0), image=picture)
+    model = g.add("IPAdapterExactApplyFaceID", model=ckpt.out("MODEL"), ipadapter=loader.out(0),
+                  image_embeds=faces.out("image_embeds"), weight=0.9, lora_strength=1.0).out(0)
+    model, _, _ = adapter_chain(g, model, vision.out(0), reference(g, "ipadapter_style.png", "Style image"),
+                                weight=0.5)
+    sample(g, model, ckpt.out("CLIP"), "portrait of a person, best quality", "ipadapter_face_and_style",
+           vae=ckpt.out("VAE"))
+
+
 WORKFLOWS = {
     "basic_image_prompt": ("Basic image prompt", basic_image_prompt),
     "image_and_text": ("Image + text prompt", image_and_text),
@@ -377,6 +445,9 @@ WORKFLOWS = {
     "several_images": ("Several reference images", several_images),
     "batch_one_per_latent": ("One reference per latent", batch_one_per_latent),
     "composition_block_dict": ("Composition via a block dictionary", composition_block_dict),
+    "faceid_portrait_sd15": ("FaceID Portrait (SD1.5), several face pictures", faceid_portrait_sd15),
+    "faceid_plus_v2_sdxl": ("FaceID Plus v2 (SDXL)", faceid_plus_v2_sdxl),
+    "face_and_style": ("Face (FaceID) + style (IP-Adapter)", face_and_style),
 }
 
 

@@ -8,6 +8,11 @@ time: ``<base>/models/ipadapter`` (the pack registers ComfyUI's default models/i
 ``<base>/output/ipadapter_embeds`` and ``<base>/input``. A pickle that carries code must be
 refused without running it: it would create a marker file, which must never appear.
 
+FaceID: broken insightface model packs (in ``<base>/models/insightface/models/``), face pictures of
+1x1 and 8192 px and without a face, a Kolors FaceID file (with the adapter cases), and a second
+server on which ``import insightface`` fails as if it were not installed (a ``sitecustomize`` on its
+PYTHONPATH hides the package): Load InsightFace must name the pip line, and that server keeps serving.
+
 Inputs that ComfyUI's own nodes cannot deliver through the API (1- or 4-channel IMAGE
 tensors, values outside [0, 1], NaN, zero-sized images and masks) are tested in-process
 (``comfy_inprocess``) by calling the node classes, together with the promise that no node
@@ -18,20 +23,26 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import re
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.harness.comfy_host import PromptFailed, PromptRejected
+from tests.harness.comfy_host import REPO, ComfyServer, PromptFailed, PromptRejected
 from tests.harness.hostile_corpus import (
     EMBEDS_FORMAT,
+    FACE_IMAGE_CASES,
     IMAGE_CASES,
+    PACK_CASES,
+    FaceImageCase,
     FileCase,
+    PackCase,
     adapter_cases,
     embeds_cases,
     save_tensors,
+    write_face_png,
     write_png,
 )
 
@@ -340,6 +351,157 @@ def test_adapter_for_the_other_base_model(hostile):
     expect_failure(hostile.server, prompt, r"is an SDXL adapter \(text context 2048\) but the model is SD15",
                    "IPAdapterExactApply")
     hostile.assert_healthy()
+
+
+# --- FaceID -------------------------------------------------------------------------------------
+
+FACEID_ADAPTER = "hx_faceid_sd15.safetensors"  # a link to the SD1.5 FaceID stand-in (with its LoRA)
+FACEID_SOURCE = "ipadapter/sd15_tiny_faceid.safetensors"
+GOOD_FACE = "hx_face_good.png"
+SKIN = (230, 180, 150)  # face_models' style 0, what the aligned crop of a found face shows
+NO_INSIGHTFACE = '''"""Test host (tests/test_hostile_inputs.py): this Python acts as if insightface were absent."""
+import sys
+from importlib.machinery import PathFinder
+
+
+class _PathFinderWithoutInsightFace(PathFinder):
+    @classmethod
+    def find_spec(cls, fullname, path=None, target=None):
+        if fullname.partition(".")[0] == "insightface":
+            return None
+        return super().find_spec(fullname, path, target)
+
+
+sys.meta_path[:] = [_PathFinderWithoutInsightFace if f is PathFinder else f for f in sys.meta_path]
+'''
+
+
+def faceid_prompt(adapter: str = FACEID_ADAPTER, pack: str = "buffalo_l", image: str = GOOD_FACE,
+                  seed: int | None = None) -> dict:
+    """base_prompt with the model from Apply FaceID: FaceID file + Load InsightFace + the face picture ->
+    Encode Face (its aligned faces to a PreviewImage) -> Apply FaceID (LoRA 1.0) -> 1 step at 64 px."""
+    prompt = base_prompt(seed=seed)
+    prompt.update({
+        "20": {"class_type": "IPAdapterExactLoader", "inputs": {"ipadapter_file": adapter}},
+        "21": {"class_type": "IPAdapterExactLoadInsightFace", "inputs": {"model_pack": pack, "provider": "CPU"}},
+        "22": {"class_type": "LoadImage", "inputs": {"image": image}},
+        "23": {"class_type": "IPAdapterExactEncodeFace", "inputs": {
+            "ipadapter": ["20", 0], "insightface": ["21", 0], "image": ["22", 0], "face_index": 0}},
+        "24": {"class_type": "PreviewImage", "inputs": {"images": ["23", 1]}},
+        "25": {"class_type": "IPAdapterExactApplyFaceID", "inputs": {
+            "model": ["1", 0], "ipadapter": ["20", 0], "image_embeds": ["23", 0], "weight": 0.8,
+            "faceid_plus_version": "v2", "face_structure": 1.0, "lora_strength": 1.0, "weight_type": "V only",
+            "start_at": 0.0, "end_at": 1.0, "combine_embeds": "concat"}},
+    })
+    prompt["10"]["inputs"]["model"] = ["25", 0]
+    return prompt
+
+
+def expect_face_failure(server, prompt: dict, pattern: str, node_type: str, error_type: str) -> dict:
+    data = expect_failure(server, prompt, pattern, node_type, pack_exception=False)
+    assert data.get("exception_type", "").rsplit(".", 1)[-1] == error_type, data.get("exception_type")
+    return data
+
+
+def assert_face_found(server, entry: dict) -> None:
+    """The run saved its picture, and the aligned face it used (the PreviewImage) is the drawn face."""
+    import numpy as np
+    from PIL import Image
+
+    assert entry["status"]["status_str"] == "success"
+    assert saved_pixels(server, entry)[0].shape == (64, 64, 3)
+    (crop_path,) = [p for p in server.output_images(entry) if p.parent.is_relative_to(server.base / "temp")]
+    crop = np.asarray(Image.open(crop_path)).astype(np.float32)
+    assert crop.shape == (224, 224, 3), crop.shape
+    assert np.abs(crop[4:24, 4:24].mean((0, 1)) - SKIN).max() < 20, crop[4:24, 4:24].mean((0, 1))
+
+
+def stage_faceid(server) -> None:
+    """The FaceID stand-in in the server's models/ipadapter and the good face picture in its input/."""
+    from tests.fixtures.faceid_files import ensure_faceid
+
+    source = ensure_faceid(FACEID_SOURCE)[FACEID_SOURCE]
+    link = server.base / "models" / "ipadapter" / FACEID_ADAPTER
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if not link.is_symlink():
+        link.symlink_to(source)
+    write_face_png(server.input_dir / GOOD_FACE, 256, 256, ((72, 48, 128, 0),), seed=4)
+
+
+@pytest.fixture(scope="module")
+def faceid_hostile(hostile):
+    """The shared server with the FaceID corpus staged: broken packs in models/insightface, face pictures."""
+    from tests.fixtures.face_models import ensure_pack
+
+    server = hostile.server
+    stage_faceid(server)
+    stand_in_pack = ensure_pack("buffalo_l")
+    for case in PACK_CASES:
+        case.write(server.base / "models" / "insightface", stand_in_pack)
+    for i, case in enumerate(FACE_IMAGE_CASES):
+        case.write(server.input_dir, seed=20 + i)
+    hostile.faceid_runs = 0
+    assert_face_found(server, server.run(faceid_prompt(), timeout=300))
+    return hostile
+
+
+def faceid_healthy(hostile) -> None:
+    """After a FaceID case: the corpus' good run, and a good FaceID run (fresh seed: the sampler runs)."""
+    hostile.assert_healthy()
+    hostile.faceid_runs += 1
+    entry = hostile.server.run(faceid_prompt(seed=5000 + hostile.faceid_runs), timeout=300)
+    assert_face_found(hostile.server, entry)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", PACK_CASES, ids=[c.name for c in PACK_CASES])
+def test_broken_face_model_pack(faceid_hostile, case: PackCase):
+    expect_face_failure(faceid_hostile.server, faceid_prompt(pack=case.name), case.expect,
+                        "IPAdapterExactLoadInsightFace", case.error_type)
+    faceid_healthy(faceid_hostile)
+
+
+@pytest.mark.server
+@pytest.mark.parametrize("case", FACE_IMAGE_CASES, ids=[c.name for c in FACE_IMAGE_CASES])
+def test_face_picture(faceid_hostile, case: FaceImageCase):
+    prompt = faceid_prompt(image=case.name)
+    if case.expect is None:
+        assert_face_found(faceid_hostile.server, faceid_hostile.server.run(prompt, timeout=600))
+    else:
+        expect_face_failure(faceid_hostile.server, prompt, case.expect, "IPAdapterExactEncodeFace", "ValueError")
+    faceid_healthy(faceid_hostile)
+
+
+@pytest.mark.server
+def test_faceid_without_insightface_installed(faceid_hostile, tmp_path, monkeypatch):
+    """A second server whose Python cannot import insightface: Load InsightFace names the pip line,
+    the pack's nodes are still listed, and that server keeps running other prompts."""
+    hidden = tmp_path / "no_insightface"
+    hidden.mkdir()
+    (hidden / "sitecustomize.py").write_text(NO_INSIGHTFACE, encoding="utf-8")
+    server = ComfyServer(models_root=faceid_hostile.server.models_roots,
+                         save_log_to=REPO / ".test-artifacts" / "comfyui-server-no-insightface.log")
+    with monkeypatch.context() as env:
+        env.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(hidden), os.environ.get("PYTHONPATH")])))
+        server.start()
+    try:
+        stage_faceid(server)
+        (server.output_dir / "ipadapter_embeds").mkdir(parents=True, exist_ok=True)
+        save_tensors(server.output_dir / "ipadapter_embeds" / GOOD_EMBEDS,
+                     {"cond": torch.randn(1, 1024, generator=torch.Generator().manual_seed(5)),
+                      "uncond": torch.zeros(1, 1024)},
+                     {"format": EMBEDS_FORMAT, "output": "image_embeds", "width": "1024", "source": "tests"})
+        assert "IPAdapterExactLoadInsightFace" in server.object_info()
+        data = expect_face_failure(server, faceid_prompt(), r"pip install insightface(==[\w.]+)? onnxruntime\b",
+                                   "IPAdapterExactLoadInsightFace", "InsightFaceMissingError")
+        assert "No module named 'insightface'" in data["exception_message"], data["exception_message"]
+        assert "onnxruntime-gpu" in data["exception_message"]
+        assert server.alive() and server.system_stats()["system"]
+        entry = server.run(base_prompt(), timeout=300)
+        assert entry["status"]["status_str"] == "success" and saved_pixels(server, entry)
+    finally:
+        server.stop()
+    faceid_healthy(faceid_hostile)
 
 
 def test_the_corpus_is_large_enough():

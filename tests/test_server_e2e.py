@@ -5,6 +5,10 @@ node the pack exports and logged no import error for it, then runs every UI-form
 ``workflows/`` (converted with ui_to_api against the live /object_info) and a core-only SD1.5
 workflow that proves the host itself.
 
+FaceID workflows run on the generated insightface stand-in pack (``buffalo_l``) with drawn face
+pictures that its detector finds (tests/harness/standins.py); where a workflow previews the
+aligned faces of IP-Adapter Encode Face, those previews must be the 224 px crops.
+
 Speed: the shipped workflows are run with their latent size and input pictures capped to 64 px
 per side (aspect kept) and at most 4 sampling steps; IPADAPTER_E2E_FULL=1 runs them unchanged.
 """
@@ -53,8 +57,10 @@ def latent_sizes(api: dict) -> set[tuple[int, int]]:
     return sizes
 
 
-def run_and_check_images(server, api: dict, expected_size: tuple[int, int] | None) -> list[Path]:
-    entry = server.run(api)
+def run_and_check_images(server, api: dict, expected_size: tuple[int, int] | None,
+                         entry: dict | None = None) -> list[Path]:
+    """Runs the prompt (or checks the finished `entry` of it): success, saved PNGs of the expected size."""
+    entry = server.run(api) if entry is None else entry
     assert entry["status"]["status_str"] == "success", entry["status"]
     images = server.output_images(entry)
     saved = [p for p in images if p.parent.is_relative_to(server.output_dir)]
@@ -184,4 +190,26 @@ def test_shipped_workflow_runs(comfy_server, workflow_path):
     if not FULL:
         shrink(api, MAX_SIDE, MAX_STEPS)
     sizes = latent_sizes(api)
-    run_and_check_images(comfy_server, api, next(iter(sizes)) if len(sizes) == 1 else None)
+    entry = comfy_server.wait(comfy_server.queue(api))
+    run_and_check_images(comfy_server, api, next(iter(sizes)) if len(sizes) == 1 else None, entry)
+    previews = face_previews(api)
+    assert len(previews) == ui_face_previews(workflow), previews
+    for node_id in previews:
+        paths = comfy_server.output_images({"outputs": {node_id: entry["outputs"][node_id]}})
+        assert paths and all(png_size(p) == (224, 224) for p in paths), paths
+
+
+def ui_face_previews(workflow: dict) -> int:
+    """How many image output nodes of the UI workflow show Encode Face's `faces` (its output 1)."""
+    types = {node["id"]: node["type"] for node in workflow["nodes"]}
+    return sum(1 for _, origin, slot, target, _, _ in workflow["links"]
+               if types[origin] == "IPAdapterExactEncodeFace" and slot == 1
+               and types[target] in ("PreviewImage", "SaveImage"))
+
+
+def face_previews(api: dict) -> list[str]:
+    """Ids of the image outputs that show Encode Face's aligned faces (its output 1)."""
+    return [node_id for node_id, node in api.items()
+            if node["class_type"] in ("PreviewImage", "SaveImage") and isinstance(node["inputs"].get("images"), list)
+            and api[node["inputs"]["images"][0]]["class_type"] == "IPAdapterExactEncodeFace"
+            and node["inputs"]["images"][1] == 1]

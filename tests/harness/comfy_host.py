@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[2]
 PACK_DIR_NAME = "ComfyUI-IPAdapter-Exact"
 COMFYUI_VERSION = "0.3.75"
 LAUNCH = Path(__file__).resolve().parent / "launch.py"
-MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "controlnet", "loras")
+MODEL_FOLDERS = ("checkpoints", "clip_vision", "ipadapter", "controlnet", "loras", "insightface")
 
 BOOT_TIMEOUT_S = 180.0
 RUN_TIMEOUT_S = 600.0
@@ -123,7 +123,7 @@ def write_extra_model_paths(path: Path, models_roots, folders=MODEL_FOLDERS) -> 
 class ComfyServer:
     """A ComfyUI server process with the pack installed (use as a context manager).
 
-    models_root: a folder holding checkpoints/, clip_vision/, ipadapter/, controlnet/, loras/
+    models_root: a folder holding checkpoints/, clip_vision/, ipadapter/, controlnet/, loras/, insightface/
                  (or a list of such folders, searched in order)
     base_dir:    ComfyUI --base-directory (default: a new temporary folder, removed by stop()
                  unless keep_base=True)

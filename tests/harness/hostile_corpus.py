@@ -9,7 +9,11 @@ Each case is a file to write and what the pack must answer: an error whose text 
 
 ``sources`` maps the kinds "base", "plus", "fullface" (SD1.5 tiny stand-ins) to their
 .safetensors files; ``marker`` is a path that a pickle carrying code would create if it were
-ever run -- it must never appear. Pictures for ComfyUI's LoadImage come from ``image_cases``.
+ever run -- it must never appear. Pictures for ComfyUI's LoadImage come from ``IMAGE_CASES``.
+
+FaceID: ``PACK_CASES`` are broken insightface model packs (folders of .onnx files made from the
+stand-in pack of tests/fixtures/face_models.py), ``FACE_IMAGE_CASES`` face pictures of odd sizes
+drawn for the stand-in detector, and the adapter cases include a Kolors FaceID Plus file.
 """
 
 from __future__ import annotations
@@ -235,8 +239,37 @@ def adapter_cases(sources: dict[str, Path], marker: Path) -> list[FileCase]:
                  r"image_proj\.proj\.2\.weight is missing", "full-face adapter without proj.2"),
         FileCase("hx_faceid.safetensors",
                  _edited(base, lambda t: t.update({"image_proj.perceiver_resampler.proj_in.weight": torch.eye(2)})),
-                 r"FaceID IP-Adapter .* not supported", "a FaceID adapter"),
+                 r"incomplete FaceID IP-Adapter \(its layout is not supported\)",
+                 "a base adapter with a stray FaceID Plus key (an incomplete FaceID layout)"),
+        FileCase("hx_kolors_faceid_plus.bin", _kolors_faceid_plus,
+                 r"this is a Kolors FaceID Plus IP-Adapter: its image tokens are 4096 wide .*Kolors is not supported "
+                 r"by this pack \(SD1\.5 and SDXL adapters only\)", "Kolors FaceID Plus (4096-wide tokens)"),
     ]
+
+
+KOLORS_TOKEN_WIDTH = 4096  # Kolors' ChatGLM text width, which its FaceID Plus image tokens have
+
+
+def _kolors_faceid_plus(path: Path) -> None:
+    """A Kolors FaceID Plus file as published (.bin of {"image_proj", "ip_adapter"}): ProjPlusModel with 6
+    tokens of 4096 (ChatGLM's width), its perceiver over CLIP-L/336 crop states (1024), and to_k_ip/to_v_ip
+    for an SDXL-shaped UNet (real widths, context 2048).
+
+    Full size where the layout check reads it (proj.0/proj.2/norm, perceiver proj_out/norm_out at 4096);
+    the perceiver works at 64 instead of 4096 and every IP weight is a view of one shared storage, which
+    torch.save writes once: about 60 MB instead of several GB.
+    """
+    from tests.fixtures.faceid_files import _mlp, _perceiver
+    from tests.fixtures.generate import SDXL_REAL_HIDDEN
+
+    gen = torch.Generator().manual_seed(11)
+    proj = _mlp(KOLORS_TOKEN_WIDTH, 6, KOLORS_TOKEN_WIDTH)
+    proj += [(f"perceiver_resampler.{key}", shape, role) for key, shape, role in _perceiver(64, 1024, 4096)]
+    image_proj = {key: (torch.randn(shape, generator=gen) * 0.02).half() for key, shape, _ in proj}
+    shared = (torch.randn(max(SDXL_REAL_HIDDEN) * 2048, generator=gen) * 0.02).half()
+    ip_adapter = {f"{2 * n + 1}.to_{kv}_ip.weight": shared[: hidden * 2048].view(hidden, 2048)
+                  for n, hidden in enumerate(SDXL_REAL_HIDDEN) for kv in "kv"}
+    torch.save({"image_proj": image_proj, "ip_adapter": ip_adapter}, path)
 
 
 def _truncated_torch(source: Path) -> Callable[[Path], None]:
@@ -343,4 +376,95 @@ IMAGE_CASES = (
     ImageCase("hx_gray.png", 48, 40, "L", "grayscale picture"),
     ImageCase("hx_rgba.png", 40, 48, "RGBA", "RGBA picture"),
     ImageCase("hx_16bit.png", 32, 32, "I;16", "16-bit grayscale picture"),
+)
+
+
+# --- FaceID: insightface model packs (models/insightface/models/<name>) and face pictures --------------
+
+
+@dataclass(frozen=True)
+class PackCase:
+    """A model pack folder `name` holding `files` ({file name: "detection" | "recognition" |
+    "truncated detection"}, made from the stand-in pack's models); Load InsightFace must refuse it
+    with an error matching `expect` (a `error_type` exception)."""
+
+    name: str
+    files: dict[str, str]
+    expect: str
+    error_type: str
+    what: str
+
+    def write(self, models_folder: Path, stand_in_pack: Path) -> Path:
+        """Writes the pack under <models_folder>/models/<name>; stand_in_pack holds det_10g/w600k_r50."""
+        folder = models_folder / "models" / self.name
+        folder.mkdir(parents=True, exist_ok=True)
+        sources = {"detection": stand_in_pack / "det_10g.onnx", "recognition": stand_in_pack / "w600k_r50.onnx"}
+        for file_name, kind in self.files.items():
+            data = sources[kind.rsplit(" ", 1)[-1]].read_bytes()
+            (folder / file_name).write_bytes(data[: len(data) // 3] if kind.startswith("truncated") else data)
+        return folder
+
+
+PACK_CASES = (
+    PackCase("antelopev2", {"glintr100.onnx": "recognition"},
+             r"The insightface model pack \S*/models/antelopev2 lacks scrfd_10g_bnkps\.onnx; it should hold "
+             r"scrfd_10g_bnkps\.onnx \(detection\) and glintr100\.onnx \(recognition\).*Found: \['glintr100\.onnx'\]",
+             "FaceModelsMissingError", "antelopev2 folder without its detector"),
+    PackCase("hx_recognition_only", {"w600k_r50.onnx": "recognition"},
+             r"insightface found no face detection model in \S*/models/hx_recognition_only; it needs a 5-point "
+             r"(face )?detector \(SCRFD\) and an ArcFace recognition model as \.onnx files \(buffalo_l: det_10g\.onnx, "
+             r"w600k_r50\.onnx",
+             "FaceModelsError", "a pack of a recognition model only"),
+    PackCase("hx_truncated_pack", {"det_10g.onnx": "truncated detection", "w600k_r50.onnx": "recognition"},
+             r"insightface could not load the models in \S*/models/hx_truncated_pack \(a truncated or foreign "
+             r"\.onnx file\?\)", "FaceModelsError", "a pack whose detector is cut short"),
+)
+
+
+@dataclass(frozen=True)
+class FaceImageCase:
+    """A face picture for Encode Face: `faces` as (x0, y0, size, style) in pixels; `expect` the error
+    (a regex), or None when it must work (the face found, its aligned crop shown)."""
+
+    name: str
+    width: int
+    height: int
+    faces: tuple[tuple[int, int, int, int], ...]
+    expect: str | None
+    what: str
+
+    def write(self, folder: Path, seed: int = 0) -> Path:
+        return write_face_png(folder / self.name, self.width, self.height, self.faces, seed)
+
+
+def write_face_png(path: Path, width: int, height: int, faces=(), seed: int = 0) -> Path:
+    """Square faces on a dark background (tests/fixtures/face_models.draw). Pictures over 1024 px are
+    drawn at 1/k size and scaled up k times, nearest neighbour (same faces, exact edges; cheap)."""
+    from PIL import Image
+
+    from tests.fixtures.face_models import DrawnFace, draw
+
+    k = max(1, max(width, height) // 1024)
+    if width % k or height % k or any(v % k for face in faces for v in face[:3]):
+        raise ValueError(f"{path.name}: sizes and face places must be multiples of {k}")
+    small = draw(height // k, width // k, [DrawnFace(x // k, y // k, size // k, style) for x, y, size, style in faces],
+                 seed=seed)
+    img = Image.fromarray((small * 255).round().byte().numpy(), "RGB")
+    if k > 1:
+        img = img.resize((width, height), Image.NEAREST)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path, format="PNG", compress_level=1)
+    return path
+
+
+FACE_IMAGE_CASES = (
+    FaceImageCase("hx_face_1x1.png", 1, 1, (),
+                  r"image 1 of 1 is 1x1 px: too small to find a face in \(face analysis needs at least 32 px on each "
+                  r"side\)", "1x1 face picture"),
+    FaceImageCase("hx_face_8192x16.png", 8192, 16, (), r"image 1 of 1 is 8192x16 px: too small to find a face in",
+                  "8192x16 face picture"),
+    FaceImageCase("hx_face_8192.png", 8192, 8192, ((2560, 1920, 3072, 0),), None,
+                  "8192x8192 face picture (found on a shrunk copy, embedded at full size)"),
+    FaceImageCase("hx_no_face.png", 320, 240, (), r"No face found in image 1 of 1 \(320x240 px",
+                  "a picture without a face"),
 )
