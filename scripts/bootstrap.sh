@@ -46,7 +46,7 @@ PYEOF
         rm -rf "$tmp"
     fi
 fi
-# The browser test (tests/test_browser.py) drives the real ComfyUI frontend in Debian's headless
+# The browser test (tests/server/test_browser.py) drives the real ComfyUI frontend in Debian's headless
 # Chromium through Playwright; Playwright's own browser download is never used.
 CHROMIUM=${IPADAPTER_CHROMIUM:-/usr/bin/chromium}
 if [ ! -x "$CHROMIUM" ]; then

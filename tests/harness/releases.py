@@ -2,7 +2,7 @@
 
 The releases are listed once, in ``comfyui_releases.txt`` next to this file; the same table
 drives ``scripts/comfyui_releases.sh`` (which fetches and unpacks a tree into
-``.cache/comfyui-<name>/``) and ``tests/test_release_matrix.py``.
+``.cache/comfyui-<name>/``) and ``tests/server/test_release_matrix.py``.
 
 * ``releases()`` / ``release(name)``: the table, as ``Release`` rows.
 * ``ensure_tree(release)``: the unpacked tree (runs the fetch script, idempotent).
@@ -46,14 +46,14 @@ BUNDLED = "0.3.75"  # the tree the whole suite runs on (scripts/bootstrap.sh); n
 BUNDLED_DATE = "2025-11"
 EXPECTATIONS = ("pass", "refuse")
 
-# What runs on each release that the pack supports (timings in tests/test_release_matrix.py): the
+# What runs on each release that the pack supports (timings in tests/server/test_release_matrix.py): the
 # SD1.5 parity tests (every adapter variant; block dict, mask and sigma gating) and the layer map
 # against the tree's own key tables, in a child interpreter; then one workflow through a server.
 PARITY_TESTS = (
-    "tests/test_parity_unet.py::test_adapter_matches_diffusers[SD1.5]",
-    "tests/test_parity_unet.py::test_controls_match_diffusers[SD1.5]",
-    "tests/test_layout.py::test_layer_map_matches_diffusers_order[SD1.5]",
-    "tests/test_layout.py::test_layer_map_matches_diffusers_order[SDXL]",
+    "tests/inprocess/test_parity_unet.py::test_adapter_matches_diffusers[SD1.5]",
+    "tests/inprocess/test_parity_unet.py::test_controls_match_diffusers[SD1.5]",
+    "tests/inprocess/test_layout.py::test_layer_map_matches_diffusers_order[SD1.5]",
+    "tests/inprocess/test_layout.py::test_layer_map_matches_diffusers_order[SDXL]",
 )
 SERVER_WORKFLOW = "basic_image_prompt"
 # In the child, the parity UNet keeps SD1.5's topology (the same 16 cross-attention layers, heads,

@@ -24,8 +24,8 @@ import pytest
 
 from tests.harness import standins
 from tests.harness.comfy_host import PACK_DIR_NAME, REPO
+from tests.harness.object_info_sample import OBJECT_INFO as HANDWRITTEN_OBJECT_INFO
 from tests.harness.workflow import shrink, ui_to_api, widget_layout
-from tests.test_workflow_convert import OBJECT_INFO as HANDWRITTEN_OBJECT_INFO
 
 pytestmark = pytest.mark.server
 

@@ -26,7 +26,7 @@ pytest.importorskip("insightface", reason="insightface is pinned in tests/requir
 from ipadapter_pack.models import face_analysis as fa  # noqa: E402
 from tests.fixtures import face_models as fm  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")

@@ -359,7 +359,7 @@ FACEID_ADAPTER = "hx_faceid_sd15.safetensors"  # a link to the SD1.5 FaceID stan
 FACEID_SOURCE = "ipadapter/sd15_tiny_faceid.safetensors"
 GOOD_FACE = "hx_face_good.png"
 SKIN = (230, 180, 150)  # face_models' style 0, what the aligned crop of a found face shows
-NO_INSIGHTFACE = '''"""Test host (tests/test_hostile_inputs.py): this Python acts as if insightface were absent."""
+NO_INSIGHTFACE = '''"""Test host (test_hostile_inputs.py): this Python acts as if insightface were absent."""
 import sys
 from importlib.machinery import PathFinder
 

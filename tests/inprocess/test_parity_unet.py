@@ -25,7 +25,7 @@ from tests.harness.reference_unets import (
 )
 
 TOLERANCE = 1e-4
-FIGURES = os.path.join(os.path.dirname(__file__), "..", "out", "parity.json")
+FIGURES = os.path.join(os.path.dirname(__file__), "..", "..", "out", "parity.json")
 CASES = {
     "SD1.5": [("base", 1024), ("plus", 1280), ("fullface", 1280), ("vitg", 1280)],
     "SDXL": [("base", 1280), ("vith", 1024), ("plus_vith", 1280)],

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 GROUP = "IP-Adapter Exact"
 PACK_CODE = ("nodes", "models", "ip_adapter_core")
 ID_PREFIX = "IPAdapterExact"

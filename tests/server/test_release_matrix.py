@@ -16,8 +16,8 @@ The trees are fetched on first use by scripts/comfyui_releases.sh into .cache/co
 Server logs, the child's output and its parity figures go to .test-artifacts/releases/<name>/,
 wall times to .test-artifacts/releases/timings.json.
 
-    .venv/bin/python -m pytest tests/test_release_matrix.py -q -ra        # the whole matrix
-    .venv/bin/python -m pytest tests/test_release_matrix.py -k 0.8.0      # one release
+    .venv/bin/python -m pytest tests/server/test_release_matrix.py -q -ra        # the whole matrix
+    .venv/bin/python -m pytest tests/server/test_release_matrix.py -k 0.8.0      # one release
 """
 
 from __future__ import annotations
