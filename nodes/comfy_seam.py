@@ -258,11 +258,14 @@ def load_adapter_file(name: str) -> LoadedAdapter:
 
 def token_projector(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
                     shortcut: bool | None = None, s_scale: float = 1.0) -> Projection:
-    """Projects encodings to image tokens in the UNet's dtype on the device it samples on.
+    """Projects encodings to image tokens in the UNet's compute dtype on the device it samples on.
 
     shortcut / s_scale: FaceID Plus only (v2 = shortcut, s_scale its face-structure weight).
     """
-    dtype, device = model.model_dtype(), model.load_device
+    # The dtype the UNet computes in: with manual casting (half-precision weights on a device
+    # without half-precision compute) that is the cast dtype, not the stored one.
+    dtype = getattr(model.model, "manual_cast_dtype", None) or model.model_dtype()
+    device = model.load_device
     comfy.model_management.load_model_gpu(adapter.patcher)
     plus = adapter.spec.needs_face_crop
 
