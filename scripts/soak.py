@@ -1,16 +1,28 @@
 #!/usr/bin/env python3
 """Soak test: many prompts through one real ComfyUI server; memory must stay flat.
 
-    .venv/bin/python scripts/soak.py [--prompts 50] [--warmup 5] [--tolerance 5] [--encode]
+    .venv/bin/python scripts/soak.py [--prompts 50] [--warmup 5] [--tolerance 5]
+                                     [--mode both|embeds|encode] [--cycle 10]
 
 Runs N prompts that alternate the SD1.5 stand-in adapters (base, plus, full-face), their
-encodings (several "pictures" per adapter kind, saved as embeds files), weights, weight types
-and start/end ranges, on the generated random-weight models (tests/fixtures/generate.py). After
-a warm-up the server process's RSS (with its children) must stay within --tolerance percent of
-its value at the end of the warm-up, and the pack's GET /ipadapter_exact/stats must show one
-live adapter weight set per distinct file and every file read once. --encode encodes real
-pictures with the CLIP vision model instead of loading embeds (fp16 ViT-H on a CPU: seconds
-per picture). Prints the figures; exits 1 when a bound is broken.
+encodings (several "pictures" per adapter kind), weights, weight types and start/end ranges, on
+the generated random-weight models (tests/fixtures/generate.py), in two forms, each on a fresh
+server of its own:
+
+* embeds: the encodings come from saved embeds files (IP-Adapter Load Embeds);
+* encode: real CLIP encoding, IP-Adapter Encode Image on the ViT-H stand-in (fp16 ViT-H on a
+  CPU: seconds per picture; the plus and full-face negatives are a second encoder pass).
+
+After a warm-up the server process's RSS (with its children) must stay within --tolerance
+percent of its value at the end of the warm-up. GET /ipadapter_exact/stats must show, after
+every prompt, exactly the adapter file that prompt used alive (one weight set: the cache is weak,
+and ComfyUI keeps the outputs of the last prompt only), and a file read from disk exactly when
+it was not alive at the prompt's start.
+
+--cycle N (default 10, 0 to skip) then runs N copies of one adapter file under N names, each
+once, then a graph without any adapter, and reports the RSS before and after and the live
+adapter count (must be 0: nothing keeps a file's weights once no output uses them).
+Prints the figures; exits 1 when a bound is broken.
 """
 
 from __future__ import annotations
@@ -18,19 +30,18 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import runpy
+import shutil
 import sys
 import tempfile
 import time
-import types
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-if "tests" not in sys.modules:  # the test host, without the pack's root on sys.path (see demo.py)
-    _tests = types.ModuleType("tests")
-    _tests.__path__ = [str(REPO / "tests")]
-    sys.modules["tests"] = _tests
+if "tests" not in sys.modules or "ipadapter_pack" not in sys.modules:  # not under pytest: the shared set-up
+    runpy.run_path(str(REPO / "tests" / "harness" / "imports.py"))["register_packages"]()
 
 from tests.harness.comfy_host import ComfyServer  # noqa: E402
 
@@ -44,19 +55,32 @@ ADAPTERS = {
     "ipadapter/sd15_tiny_plus.safetensors": ("penultimate", (1, 257, 1280)),
     "ipadapter/sd15_tiny_fullface.safetensors": ("penultimate", (1, 257, 1280)),
 }
+CYCLE_SOURCE = "ipadapter/sd15_tiny_plus.safetensors"  # the largest SD1.5 stand-in adapter (75 MB)
 PICTURES = 3  # encodings (or pictures) per adapter kind
 WEIGHT_TYPES = ("V only", "K+V", "K+V w/ C penalty", "K+mean(V) w/ C penalty")
+CROPS = ("center", "pad", "squash")
 EMBEDS_FORMAT = "ipadapter-exact-embeds/1"
+MODES = ("embeds", "encode")
 
 
 @dataclass
 class SoakResult:
     prompts: int
     warmup: int
+    encode: bool = False
     seconds: float = 0.0
     rss_mib: list[float] = field(default_factory=list)  # after each prompt
     stats: list[dict] = field(default_factory=list)  # /ipadapter_exact/stats after each prompt
-    distinct_files: int = len(ADAPTERS)
+    adapters: list[str] = field(default_factory=list)  # the adapter file each prompt used
+    stats_before: dict = field(default_factory=lambda: {"files_read": 0, "live_adapters": 0, "cached_files": []})
+
+    @property
+    def mode(self) -> str:
+        return "encode" if self.encode else "embeds"
+
+    @property
+    def distinct_files(self) -> int:
+        return len(set(self.adapters))
 
     @property
     def baseline_mib(self) -> float:
@@ -71,25 +95,69 @@ class SoakResult:
     def final_drift_pct(self) -> float:
         return (self.rss_mib[-1] - self.baseline_mib) / self.baseline_mib * 100
 
+    def expected_reads(self) -> list[bool]:
+        """Per prompt: must its adapter file be read from disk? Exactly when it was not alive when
+        the prompt started (the cache hands out a live copy, and keeps nothing else)."""
+        out = []
+        for i, name in enumerate(self.adapters):
+            before = self.stats[i - 1] if i else self.stats_before
+            out.append(name not in before["cached_files"])
+        return out
+
     def problems(self, tolerance_pct: float) -> list[str]:
         out = []
         if self.max_drift_pct > tolerance_pct:
             out.append(f"RSS drifted {self.max_drift_pct:.1f} % from {self.baseline_mib:.0f} MiB after warm-up "
                        f"(bound {tolerance_pct} %)")
-        last = self.stats[-1]
-        if last["live_adapters"] != self.distinct_files:
-            out.append(f"{last['live_adapters']} live adapter weight sets for {self.distinct_files} files")
-        if last["files_read"] != self.distinct_files:
-            out.append(f"{last['files_read']} file reads for {self.distinct_files} distinct unchanged files")
+        reads = self.stats_before["files_read"]
+        per_prompt = zip(self.stats, self.adapters, self.expected_reads(), strict=True)
+        for i, (stats, name, must_read) in enumerate(per_prompt):
+            if stats["live_adapters"] != 1 or stats["cached_files"] != [name]:
+                out.append(f"after prompt {i + 1} ({name}): {stats['live_adapters']} live adapter weight sets, "
+                           f"cached {stats['cached_files']}; expected that one file's weights only")
+            if stats["files_read"] - reads != int(must_read):
+                out.append(f"prompt {i + 1} ({name}): {stats['files_read'] - reads} file reads, expected "
+                           f"{int(must_read)} ({'not ' if not must_read else ''}alive at the prompt's start)")
+            reads = stats["files_read"]
         return out
 
     def summary(self) -> str:
         live = sorted({s["live_adapters"] for s in self.stats})
-        return (f"{self.prompts} prompts in {self.seconds:.0f} s; RSS after {self.warmup} warm-up prompts "
-                f"{self.baseline_mib:.0f} MiB, min/max after {min(self.rss_mib[self.warmup:]):.0f}/"
+        reads = self.stats[-1]["files_read"] - self.stats_before["files_read"]
+        return (f"{self.mode}: {self.prompts} prompts in {self.seconds:.0f} s; RSS after {self.warmup} warm-up "
+                f"prompts {self.baseline_mib:.0f} MiB, min/max after {min(self.rss_mib[self.warmup:]):.0f}/"
                 f"{max(self.rss_mib[self.warmup:]):.0f} MiB, max drift {self.max_drift_pct:.2f} %, final "
-                f"{self.final_drift_pct:+.2f} %; live adapter copies {live} for {self.distinct_files} files; "
-                f"files read {self.stats[-1]['files_read']}")
+                f"{self.final_drift_pct:+.2f} %; live adapter copies after each prompt {live} "
+                f"({self.distinct_files} files in turn); files read {reads}")
+
+
+@dataclass
+class CycleResult:
+    """RSS and stats around cycling N adapter files through the server, then a plain graph."""
+
+    files: int
+    rss_before_mib: float = 0.0
+    rss_after_mib: float = 0.0
+    rss_cycle_mib: list[float] = field(default_factory=list)  # after each adapter run
+    stats_cycle: list[dict] = field(default_factory=list)
+    stats_before: dict = field(default_factory=dict)
+    stats_after: dict = field(default_factory=dict)
+    file_mib: float = 0.0  # size of one adapter file
+    seconds: float = 0.0
+
+    @property
+    def returned_mib(self) -> float:
+        """RSS after the plain graph minus RSS before cycling (positive: not all returned)."""
+        return self.rss_after_mib - self.rss_before_mib
+
+    def summary(self) -> str:
+        return (f"cycle: {self.files} adapter files of {self.file_mib:.0f} MiB each, one run each, in "
+                f"{self.seconds:.0f} s; RSS before {self.rss_before_mib:.0f} MiB, during "
+                f"{min(self.rss_cycle_mib):.0f}-{max(self.rss_cycle_mib):.0f} MiB, after a graph without "
+                f"adapters {self.rss_after_mib:.0f} MiB ({self.returned_mib:+.0f} MiB); live adapters during "
+                f"{sorted({s['live_adapters'] for s in self.stats_cycle})}, after {self.stats_after['live_adapters']}"
+                f" (cached {self.stats_after['cached_files']}); files read "
+                f"{self.stats_after['files_read'] - self.stats_before['files_read']}")
 
 
 def process_rss_mib(pid: int) -> float:
@@ -114,8 +182,12 @@ def embeds_name(adapter: str, picture: int) -> str:
     return f"soak_{Path(adapter).stem}_{picture}.safetensors"
 
 
+def picture_name(picture: int) -> str:
+    return f"soak_{picture}.png"
+
+
 def stage_inputs(server: ComfyServer, encode: bool) -> None:
-    """Encodings (embeds files) or pictures for every adapter kind, in the server's folders."""
+    """Encodings (embeds files) for every adapter kind, and pictures, in the server's folders."""
     import torch
     from safetensors.torch import save_file
 
@@ -132,13 +204,16 @@ def stage_inputs(server: ComfyServer, encode: bool) -> None:
                       metadata=metadata)
     if encode:
         for picture in range(PICTURES):
-            write_png(server.input_dir / f"soak_{picture}.png", 48 + 16 * picture, 64, seed=picture)
+            write_png(server.input_dir / picture_name(picture), 48 + 16 * picture, 64, seed=picture)
+
+
+def adapter_for(i: int) -> str:
+    return list(ADAPTERS)[i % len(ADAPTERS)]
 
 
 def soak_prompt(i: int, encode: bool) -> dict:
-    adapters = list(ADAPTERS)
-    adapter = adapters[i % len(adapters)]
-    picture = (i // len(adapters)) % PICTURES
+    adapter = adapter_for(i)
+    picture = (i // len(ADAPTERS)) % PICTURES
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": Path(CHECKPOINT).name}},
         "2": {"class_type": "IPAdapterExactLoader", "inputs": {"ipadapter_file": Path(adapter).name}},
@@ -147,22 +222,30 @@ def soak_prompt(i: int, encode: bool) -> dict:
             "model": ["1", 0], "ipadapter": ["2", 0], "image_embeds": ["5", 0],
             "weight": round(0.3 + 0.1 * (i % 8), 2), "weight_type": WEIGHT_TYPES[i % len(WEIGHT_TYPES)],
             "start_at": 0.0 if i % 2 else 0.1, "end_at": 1.0 if i % 3 else 0.8, "combine_embeds": "concat"}},
+        **plain_prompt(i, model=["6", 0]),
+    }
+    if encode:
+        prompt["3"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": Path(ENCODER).name}}
+        prompt["4"] = {"class_type": "LoadImage", "inputs": {"image": picture_name(picture)}}
+        prompt["5"] = {"class_type": "IPAdapterExactEncode", "inputs": {
+            "ipadapter": ["2", 0], "clip_vision": ["3", 0], "image": ["4", 0],
+            "crop": CROPS[(i + i // len(ADAPTERS)) % len(CROPS)], "negative": "reference (zero)"}}
+    return prompt
+
+
+def plain_prompt(seed: int, model: list | None = None) -> dict:
+    """The sampling half of the soak graph; alone (model from the checkpoint), a graph without adapters."""
+    return {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": Path(CHECKPOINT).name}},
         "7": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "a lighthouse"}},
         "8": {"class_type": "CLIPTextEncode", "inputs": {"clip": ["1", 1], "text": "blurry"}},
         "9": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "10": {"class_type": "KSampler", "inputs": {
-            "model": ["6", 0], "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["9", 0],
-            "seed": i, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
+            "model": model or ["1", 0], "positive": ["7", 0], "negative": ["8", 0], "latent_image": ["9", 0],
+            "seed": seed, "steps": 2, "cfg": 5.0, "sampler_name": "euler", "scheduler": "normal", "denoise": 1.0}},
         "11": {"class_type": "VAEDecode", "inputs": {"samples": ["10", 0], "vae": ["1", 2]}},
         "12": {"class_type": "PreviewImage", "inputs": {"images": ["11", 0]}},
     }
-    if encode:
-        prompt["3"] = {"class_type": "CLIPVisionLoader", "inputs": {"clip_name": Path(ENCODER).name}}
-        prompt["4"] = {"class_type": "LoadImage", "inputs": {"image": f"soak_{picture}.png"}}
-        prompt["5"] = {"class_type": "IPAdapterExactEncode", "inputs": {
-            "ipadapter": ["2", 0], "clip_vision": ["3", 0], "image": ["4", 0],
-            "crop": ("center", "pad", "squash")[i % 3], "negative": "reference (zero)"}}
-    return prompt
 
 
 def run_soak(server: ComfyServer, prompts: int = 50, warmup: int = 5, encode: bool = False,
@@ -171,10 +254,11 @@ def run_soak(server: ComfyServer, prompts: int = 50, warmup: int = 5, encode: bo
     if not 0 < warmup < prompts:
         raise ValueError(f"warm-up ({warmup}) must be at least 1 and below the number of prompts ({prompts})")
     stage_inputs(server, encode)
-    result = SoakResult(prompts, warmup)
+    result = SoakResult(prompts, warmup, encode, stats_before=adapter_stats(server))
     t0 = time.monotonic()
     for i in range(prompts):
         server.run(soak_prompt(i, encode), timeout=600)
+        result.adapters.append(Path(adapter_for(i)).name)
         result.rss_mib.append(process_rss_mib(server.proc.pid))
         result.stats.append(adapter_stats(server))
         if progress is not None:
@@ -183,8 +267,45 @@ def run_soak(server: ComfyServer, prompts: int = 50, warmup: int = 5, encode: bo
     return result
 
 
-def needed_models() -> list[str]:
-    return [CHECKPOINT, *ADAPTERS]
+def cycle_adapters(server: ComfyServer, source: Path, files: int = 10, settle: int = 2) -> CycleResult:
+    """Copies `source` (an SD1.5 adapter taking penultimate encodings) under `files` new names in
+    the server's models/ipadapter, runs each once, then a graph without any adapter.
+
+    RSS before: after `settle` runs of the plain graph (whatever earlier prompts left is gone);
+    RSS after: after one more run of the plain graph, which evicts the last adapter run's outputs
+    from ComfyUI's cache."""
+    output, _shape = ADAPTERS[CYCLE_SOURCE]
+    stage_inputs(server, encode=False)
+    folder = server.base / "models" / "ipadapter"
+    folder.mkdir(parents=True, exist_ok=True)
+    names = []
+    for i in range(files):
+        name = f"soak_cycle_{i:02d}.safetensors"
+        shutil.copyfile(source, folder / name)
+        names.append(name)
+    result = CycleResult(files, file_mib=source.stat().st_size / 2**20)
+    for i in range(settle):
+        server.run(plain_prompt(10_000 + i), timeout=600)
+    result.rss_before_mib = process_rss_mib(server.proc.pid)
+    result.stats_before = adapter_stats(server)
+    t0 = time.monotonic()
+    for i, name in enumerate(names):
+        prompt = soak_prompt(1, encode=False)  # i = 1: the plus adapter's prompt
+        assert ADAPTERS[adapter_for(1)][0] == output
+        prompt["2"]["inputs"]["ipadapter_file"] = name
+        prompt["10"]["inputs"]["seed"] = i
+        server.run(prompt, timeout=600)
+        result.rss_cycle_mib.append(process_rss_mib(server.proc.pid))
+        result.stats_cycle.append(adapter_stats(server))
+    server.run(plain_prompt(10_000 + settle), timeout=600)
+    result.seconds = time.monotonic() - t0
+    result.rss_after_mib = process_rss_mib(server.proc.pid)
+    result.stats_after = adapter_stats(server)
+    return result
+
+
+def needed_models(encode: bool = False) -> list[str]:
+    return [CHECKPOINT, *ADAPTERS] + ([ENCODER] if encode else [])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -192,29 +313,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompts", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--tolerance", type=float, default=5.0, help="allowed RSS drift after warm-up, percent")
-    parser.add_argument("--encode", action="store_true", help="encode pictures with CLIP ViT-H (slow on a CPU)")
+    parser.add_argument("--mode", choices=("both", *MODES), default="both",
+                        help="embeds files, real CLIP encoding (ViT-H stand-in, slow on a CPU), or both in turn")
+    parser.add_argument("--encode", action="store_true", help="same as --mode encode (kept for old command lines)")
+    parser.add_argument("--cycle", type=int, default=10, help="adapter files to cycle through (0: skip)")
+    parser.add_argument("--cycle-bound", type=float, default=None,
+                        help="allowed RSS growth after cycling, MiB (default: one adapter file's size)")
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="[soak] %(message)s")
+    modes = ["encode"] if args.encode else list(MODES) if args.mode == "both" else [args.mode]
 
     from tests.fixtures import generate
 
-    names = needed_models() + ([ENCODER] if args.encode else [])
-    generate.ensure(*names)
-    with tempfile.TemporaryDirectory(prefix="ipadapter-soak-") as work:
-        with ComfyServer(models_root=[generate.MODELS_ROOT], base_dir=Path(work) / "comfy",
-                         save_log_to=REPO / ".test-artifacts" / "soak-comfyui.log") as server:
-            def progress(i, result):
-                log.info("prompt %d/%d: RSS %.0f MiB, %s", i + 1, args.prompts, result.rss_mib[-1],
-                         result.stats[-1])
+    generate.ensure(*needed_models(encode="encode" in modes))
+    failures: list[str] = []
+    for mode in modes:
+        with tempfile.TemporaryDirectory(prefix="ipadapter-soak-") as work:
+            with ComfyServer(models_root=[generate.MODELS_ROOT], base_dir=Path(work) / "comfy",
+                             save_log_to=REPO / ".test-artifacts" / f"soak-{mode}-comfyui.log") as server:
+                def progress(i, result):
+                    log.info("%s prompt %d/%d: RSS %.0f MiB, %s", result.mode, i + 1, args.prompts,
+                             result.rss_mib[-1], result.stats[-1])
 
-            result = run_soak(server, args.prompts, args.warmup, args.encode, progress)
-    print(result.summary())
-    print("RSS MiB per prompt: " + " ".join(f"{r:.0f}" for r in result.rss_mib))
-    problems = result.problems(args.tolerance)
-    for problem in problems:
-        print(f"FAIL: {problem}")
-    return 1 if problems else 0
+                result = run_soak(server, args.prompts, args.warmup, mode == "encode", progress)
+                print(result.summary())
+                print(f"{mode}: RSS MiB per prompt: " + " ".join(f"{r:.0f}" for r in result.rss_mib))
+                failures += [f"{mode}: {p}" for p in result.problems(args.tolerance)]
+                if args.cycle and mode == modes[-1]:
+                    cycle = cycle_adapters(server, Path(generate.MODELS_ROOT) / CYCLE_SOURCE, args.cycle)
+                    print(cycle.summary())
+                    bound = cycle.file_mib if args.cycle_bound is None else args.cycle_bound
+                    if cycle.stats_after["live_adapters"] != 0 or cycle.stats_after["cached_files"]:
+                        failures.append(f"cycle: adapters still alive after a graph without adapters: "
+                                        f"{cycle.stats_after}")
+                    if cycle.returned_mib > bound:
+                        failures.append(f"cycle: RSS {cycle.returned_mib:+.0f} MiB above its level before cycling "
+                                        f"(bound {bound:.0f} MiB)")
+    for failure in failures:
+        print(f"FAIL: {failure}")
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
