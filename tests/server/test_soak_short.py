@@ -36,8 +36,9 @@ PROMPTS, WARMUP = 12, 5
 # Real CLIP encoding: one or two ViT-H passes per prompt (the plus/full-face negative is a second
 # pass), a few seconds each on a CPU. The warm-up covers all three adapters and the encoder's load.
 ENCODE_PROMPTS, ENCODE_WARMUP = 10, 4
-# Measured on 2 shared CPU cores, stand-in models: with embeds, RSS about 1395 MiB after warm-up,
-# drift at most 3.8 % over 12 prompts (allocator noise of about 50 MiB, downwards); with CLIP
+# Measured on 2 shared CPU cores, stand-in models: with embeds, RSS about 1340-1395 MiB after
+# warm-up (it steps with the size of the one adapter file alive: plus 72 MiB, the others about 21),
+# drift against the warm-up prompt with the same file at most 0.2 % (50 prompts); with CLIP
 # encoding about 2575 MiB (the ViT-H stand-in is loaded), drift at most 0.8 %. The bound is the
 # issue's 5 %, not loosened. Cycling 10 adapter files: RSS back to +0 MiB of its level before.
 RSS_TOLERANCE_PCT = 5.0
