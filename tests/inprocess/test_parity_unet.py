@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from tests.fixtures.generate import adapter_state_dict
+from tests.harness.parity import TOLERANCE, nested, record
 from tests.harness.reference_unets import (
     build_pair,
     comfy_forward,
@@ -24,29 +24,11 @@ from tests.harness.reference_unets import (
     set_diffusers_scale,
 )
 
-TOLERANCE = 1e-4
-FIGURES = os.path.join(os.path.dirname(__file__), "..", "..", "out", "parity.json")
 CASES = {
     "SD1.5": [("base", 1024), ("plus", 1280), ("fullface", 1280), ("vitg", 1280)],
     "SDXL": [("base", 1280), ("vith", 1024), ("plus_vith", 1280)],
 }
 SPATIAL = {"SD1.5": 32, "SDXL": 32}  # latent side: 256 px
-
-
-def record(name: str, value: float) -> None:
-    os.makedirs(os.path.dirname(FIGURES), exist_ok=True)
-    figures = json.load(open(FIGURES)) if os.path.exists(FIGURES) else {}
-    figures[name] = value
-    with open(FIGURES, "w") as f:
-        json.dump(figures, f, indent=1, sort_keys=True)
-
-
-def nested(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {"image_proj": {}, "ip_adapter": {}}
-    for key, value in flat.items():
-        head, rest = key.split(".", 1)
-        out[head][rest] = value.clone()
-    return out
 
 
 def encodings(kind: str, width: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
