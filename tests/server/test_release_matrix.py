@@ -212,3 +212,17 @@ def test_declared_floor_agrees_with_the_matrix():
             supported = releases.version_key(version) >= releases.version_key(floor)
             assert supported == (row.expect == "pass"), (
                 f"{row}: ComfyUI {version} vs the declared floor {floor}, but the table expects {row.expect}")
+
+
+def test_pack_and_readme_know_the_newest_tested_release():
+    """The newest release the matrix passes is the one the pack's load-time check names as tested, and the
+    README's tested-on list names it."""
+    versions = [row.name for row in PASS if re.fullmatch(r"\d+\.\d+\.\d+", row.name)]
+    newest = max(versions, key=releases.version_key)
+    seam = "\n".join(path.read_text(encoding="utf-8") for path in sorted((REPO / "nodes").rglob("*.py")))
+    found = re.findall(r'^NEWEST_TESTED = "([^"]+)"', seam, re.M)
+    assert found == [newest], f"the pack's NEWEST_TESTED is {found}, the matrix's newest passing release {newest}"
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    tested = readme[readme.index("Tested on ComfyUI"):][:600]
+    for version in versions:
+        assert re.search(rf"\b{re.escape(version)}\b", tested), f"README's tested-on list lacks {version}: {tested}"
