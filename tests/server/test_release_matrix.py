@@ -54,7 +54,8 @@ def tree_of(row):
     try:
         return releases.ensure_tree(row)
     except releases.TreeUnavailable as exc:
-        pytest.fail(str(exc), pytrace=False)
+        reason = str(exc)
+    pytest.fail(reason, pytrace=False)  # outside the except: no chained traceback
 
 
 class Timings:
