@@ -12,6 +12,13 @@ tokens), FaceID Plus adds `perceiver_resampler.*`, the "unnorm" Portrait is a Re
 `proj_in` takes the 512-wide ArcFace embedding. FaceID and FaceID Plus files also carry a LoRA
 for every attention processor (`{i}.to_{q,k,v,out}_lora.{down,up}.weight` in `ip_adapter`).
 FaceID Plus v1 and v2 have the same layout: which one a file is cannot be read from it.
+
+XLabs' FLUX.1 IP-Adapter (v1: 4 image tokens, v2: 16) keeps its own key names,
+`ip_adapter_proj_model.{proj,norm}.*` and `double_blocks.{i}.processor.ip_adapter_double_stream_
+{k,v}_proj.{weight,bias}`: `split_state_dict` renames them the way diffusers' FluxIPAdapterMixin
+does (`image_proj.*`, `ip_adapter.{i}.to_{k,v}_ip.*`), and `detect` tells the family from the
+result: processor keys numbered from 0, one per Flux double block, with a bias and a 4096-wide
+input (the T5 text width), which no UNet adapter has.
 """
 
 from __future__ import annotations
@@ -40,6 +47,19 @@ SDXL_LAYERS: tuple[BlockKey, ...] = tuple(
 )
 
 BASE_MODELS = {"SD1.5": (SD15_LAYERS, 768), "SDXL": (SDXL_LAYERS, 2048)}
+
+# FLUX.1: image tokens as wide as its T5 text tokens; the double blocks' hidden width (24 heads x 128).
+FLUX_BASE_MODEL = "FLUX.1"
+FLUX_CONTEXT_DIM = 4096
+FLUX_HIDDEN = 3072
+FLUX_DOUBLE_BLOCKS = 19  # in the published FLUX.1 dev/schnell; the adapter's depth is read from its keys
+FLUX_XLABS = "flux-xlabs"
+_XLABS_PROJ, _XLABS_BLOCKS = "ip_adapter_proj_model.", "double_blocks."
+
+
+def flux_block(index: int) -> BlockKey:
+    """The layer key of Flux double block `index` (ComfyUI's patches_replace["dit"] key is ("double_block", i))."""
+    return ("double_block", index, 0)
 
 # What each CLIP vision tower gives, by size: image_embeds width and penultimate width.
 ENCODERS = {
@@ -100,6 +120,16 @@ class AdapterSpec:
     crop_encoder: str = ""  # FaceID Plus: CLIP tower for the aligned face crop ("ViT-H"); "" = no crop
     crop_embed_dim: int = 0  # FaceID Plus: its penultimate width (1280)
     lora_rank: int = 0  # rank of the LoRA the file carries for every attention processor; 0 = none
+    family: str = "unet"  # "unet" (SD1.5/SDXL cross-attention) or FLUX_XLABS (Flux double blocks)
+
+    @property
+    def is_flux(self) -> bool:
+        return self.family == FLUX_XLABS
+
+    @property
+    def depth(self) -> int:
+        """Flux: how many double blocks the adapter covers (19 in the published files)."""
+        return len(self.layers)
 
     @property
     def uses_hidden_states(self) -> bool:
@@ -124,6 +154,12 @@ class AdapterSpec:
         return self.lora_rank > 0
 
     def describe(self) -> str:
+        if self.is_flux:
+            return (
+                f"XLabs IP-Adapter for {self.base_model} ({self.variant}): linear projection of {self.encoder} "
+                f"{self.encoder_output} ({self.embed_dim}) into {self.tokens} tokens of {self.context_dim}, "
+                f"{self.depth} double blocks"
+            )
         if self.is_faceid:
             crop = (f" and {self.crop_encoder} penultimate states of the aligned face crop ({self.crop_embed_dim})"
                     if self.needs_face_crop else "")
@@ -153,7 +189,18 @@ def split_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, dict[str,
         head, _, rest = key.partition(".")
         if head in parts and rest:
             parts[head][rest] = value
+        elif key.startswith(_XLABS_PROJ):
+            parts["image_proj"][key.removeprefix(_XLABS_PROJ)] = value
+        elif key.startswith(_XLABS_BLOCKS):
+            parts["ip_adapter"][_xlabs_block_key(key.removeprefix(_XLABS_BLOCKS))] = value
     return parts
+
+
+def _xlabs_block_key(rest: str) -> str:
+    """`{i}.processor.ip_adapter_double_stream_k_proj.weight` -> `{i}.to_k_ip.weight` (as diffusers renames it)."""
+    return (rest.replace("processor.", "", 1)
+            .replace("ip_adapter_double_stream_k_proj", "to_k_ip")
+            .replace("ip_adapter_double_stream_v_proj", "to_v_ip"))
 
 
 def _shape(sd: dict[str, torch.Tensor], key: str, rank: int | None = None) -> tuple[int, ...]:
@@ -177,6 +224,8 @@ def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
             "ip_adapter.*.to_k_ip/to_v_ip tensors)"
         )
 
+    if _is_xlabs_flux(ip):
+        return _detect_xlabs_flux(proj, ip)
     base_model, layers, context_dim = _detect_base(ip)
     if _is_faceid_projection(proj):
         try:
@@ -420,3 +469,59 @@ def _check_ip_shapes(ip: dict[str, torch.Tensor], spec: AdapterSpec) -> None:
                 raise AdapterFormatError(
                     f"ip_adapter.{key} has shape {list(shape)}; expected [hidden, {spec.context_dim}]"
                 )
+
+
+# --------------------------------------------------------------------------------------------
+# XLabs FLUX.1
+# --------------------------------------------------------------------------------------------
+
+
+def _is_xlabs_flux(ip: dict[str, torch.Tensor]) -> bool:
+    # UNet adapters number their processors 1, 3, 5, ... (attn2 only) and have no bias; XLabs'
+    # double-block processors are 0, 1, 2, ... with a bias.
+    return "0.to_k_ip.weight" in ip or any(k.endswith(("to_k_ip.bias", "to_v_ip.bias")) for k in ip)
+
+
+def _detect_xlabs_flux(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]) -> AdapterSpec:
+    out_dim, embed_dim = _shape(proj, "proj.weight", 2)
+    norm = _shape(proj, "norm.weight", 1)
+    if _shape(proj, "proj.bias", 1) != (out_dim,) or _shape(proj, "norm.bias", 1) != norm:
+        raise AdapterFormatError("ip_adapter_proj_model.proj/norm biases do not match their weights")
+    tokens, rest = divmod(out_dim, FLUX_CONTEXT_DIM)
+    if rest or norm != (FLUX_CONTEXT_DIM,):
+        raise AdapterFormatError(
+            f"ip_adapter_proj_model.proj.weight is {out_dim}x{embed_dim} with a {norm[0]}-wide norm: an XLabs FLUX.1 "
+            f"IP-Adapter gives whole {FLUX_CONTEXT_DIM}-wide tokens (4 for v1, 16 for v2)"
+        )
+    if embed_dim != ENCODERS["ViT-L"]["image_embeds"]:
+        raise AdapterFormatError(
+            f"ip_adapter_proj_model.proj takes {embed_dim}-wide embeddings "
+            f"({encoder_name(embed_dim, 'image_embeds')}); "
+            f"XLabs FLUX.1 IP-Adapters take CLIP ViT-L/14 image_embeds ({ENCODERS['ViT-L']['image_embeds']})"
+        )
+    blocks = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise AdapterFormatError(
+            f"double_blocks.* processors are numbered {blocks[:6]}{' ...' if len(blocks) > 6 else ''}: an XLabs FLUX.1 "
+            "IP-Adapter has one per double block, 0, 1, 2, ... without gaps"
+        )
+    expected = {f"{i}.{name}.{part}" for i in blocks for name in ("to_k_ip", "to_v_ip") for part in ("weight", "bias")}
+    if set(ip) != expected:
+        odd = sorted(set(ip) ^ expected)
+        raise AdapterFormatError(
+            "double_blocks.* do not hold exactly ip_adapter_double_stream_{k,v}_proj.{weight,bias} per block "
+            f"(missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''})"
+        )
+    for key in sorted(expected):
+        shape = tuple(ip[key].shape)
+        want = (FLUX_HIDDEN, FLUX_CONTEXT_DIM) if key.endswith("weight") else (FLUX_HIDDEN,)
+        if shape != want:
+            raise AdapterFormatError(
+                f"double_blocks.{key.split('.')[0]} {key.split('.', 1)[1]} has shape {list(shape)}; expected "
+                f"{list(want)} (FLUX.1's {FLUX_HIDDEN}-wide double blocks, {FLUX_CONTEXT_DIM}-wide image tokens)"
+            )
+    return AdapterSpec(
+        variant={4: "v1", 16: "v2"}.get(tokens, f"{tokens} tokens"), base_model=FLUX_BASE_MODEL,
+        projection="linear", encoder="ViT-L", encoder_output="image_embeds", embed_dim=embed_dim,
+        context_dim=FLUX_CONTEXT_DIM, tokens=tokens, layers=tuple(flux_block(i) for i in blocks), family=FLUX_XLABS,
+    )

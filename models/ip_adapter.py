@@ -16,12 +16,13 @@ from .image_proj import LinearProjection, MLPProjection, Resampler
 
 
 class IPKeyValue(nn.Module):
-    """The image key/value projections added to one cross-attention layer (no bias)."""
+    """The image key/value projections added to one layer: no bias in UNet adapters (one
+    cross-attention layer each); with a bias in XLabs FLUX.1 adapters (one Flux double block each)."""
 
-    def __init__(self, hidden_dim: int, context_dim: int):
+    def __init__(self, hidden_dim: int, context_dim: int, bias: bool = False):
         super().__init__()
-        self.to_k_ip = nn.Linear(context_dim, hidden_dim, bias=False)
-        self.to_v_ip = nn.Linear(context_dim, hidden_dim, bias=False)
+        self.to_k_ip = nn.Linear(context_dim, hidden_dim, bias=bias)
+        self.to_v_ip = nn.Linear(context_dim, hidden_dim, bias=bias)
 
 
 def build_projection(spec: AdapterSpec, proj_sd: dict[str, torch.Tensor]) -> nn.Module:
@@ -55,9 +56,14 @@ class IPAdapterModel(nn.Module):
         self.lora: dict[str, torch.Tensor] = {}
         self.image_proj = build_projection(spec, parts["image_proj"])
         self.ip_adapter = nn.ModuleDict({
-            ip_key(i): IPKeyValue(parts["ip_adapter"][f"{ip_key(i)}.to_k_ip.weight"].shape[0], spec.context_dim)
+            self._key(i): IPKeyValue(parts["ip_adapter"][f"{self._key(i)}.to_k_ip.weight"].shape[0], spec.context_dim,
+                                     bias=spec.is_flux)
             for i in range(len(spec.layers))
         })
+
+    def _key(self, layer_index: int) -> str:
+        # Flux double blocks are numbered 0, 1, 2, ...; UNet adapters number attn2 processors 2n+1.
+        return str(layer_index) if self.spec.is_flux else ip_key(layer_index)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> IPAdapterModel:
@@ -82,7 +88,7 @@ class IPAdapterModel(nn.Module):
         return model.eval().requires_grad_(False)
 
     def key_value(self, layer_index: int) -> IPKeyValue:
-        return self.ip_adapter[ip_key(layer_index)]
+        return self.ip_adapter[self._key(layer_index)]
 
     def lora_patches(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{ComfyUI UNet weight key: (up, down)} of the file's LoRA (empty if it has none); delta = up @ down."""
