@@ -100,10 +100,14 @@ class IPApplication:
             kv = self.adapter.key_value(layer_index)
             to_k = kv.to_k_ip.weight.to(*where)
             to_v = kv.to_v_ip.weight.to(*where)
+            # UNet adapters have no bias; XLabs FLUX.1 adapters do.
+            bias_k, bias_v = (None if getattr(p, "bias", None) is None else p.bias.to(*where)
+                              for p in (kv.to_k_ip, kv.to_v_ip))
             out = []
             for tokens in (self.cond_tokens, self.uncond_tokens):
                 tokens = tokens.to(*where)
-                out += [tokens @ to_k.T, tokens @ to_v.T]
+                k, v = tokens @ to_k.T, tokens @ to_v.T
+                out += [k if bias_k is None else k + bias_k, v if bias_v is None else v + bias_v]
             self._kv_cache[layer_index] = tuple(out)
         return self._kv_cache[layer_index]
 
