@@ -59,6 +59,9 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
     if layer_weights is not None and len(layer_weights) != len(adapter.spec.layers):
         raise ValueError(f"{len(layer_weights)} layer weights for {len(adapter.spec.layers)} adapter layers")
     mask = None if attn_mask is None else check_mask(attn_mask)
+    if adapter.spec.is_flux and (mask is not None or weight_type != "V only"):
+        raise ValueError(f"{adapter.name} is an XLabs FLUX.1 adapter: it takes the 'V only' weight type and no "
+                         "attention mask (both are for UNet adapters only, so far)")
     check_embeds(adapter, embeds)
     seam.check_fits(model, adapter)
     shortcut = faceid.plus_v2 if adapter.spec.needs_face_crop else None
