@@ -194,6 +194,76 @@ def test_schedule_window(runner, base_case):
     assert diff_out <= TOLERANCE, f"window [0.5, 1] not holding the step: {diff_out:.2e} from the bare model"
 
 
+class ForeignBlock:
+    """Another pack's ("double_block", i) replacement: runs the original block and counts its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, args, extra):
+        self.calls += 1
+        return extra["original_block"](args)
+
+    def __deepcopy__(self, memo):
+        return self  # model clones share it, so its counter sees every call
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_composes_with_another_packs_block_replacement(runner, base_case):
+    """A replacement already on the blocks keeps running (once per block and call), and the term is still exact."""
+    step, _, _, inputs, ref, _ = base_case
+    cond, uncond = clip_embeds(1, seed=2)
+    foreign = ForeignBlock()
+    model = runner.pair.comfy.clone()
+    for i in range(2):
+        model.set_model_patch_replace(foreign, "dit", "double_block", i)
+    patched = runner.apply_adapter(model, runner.adapters["v1"][1], runner.image_embeds(cond, uncond, "image_embeds"),
+                                   0.7)
+    diff, _ = fp.flux_parity(patched, step, ref, inputs)
+    record("sampler FLUX.1 fp32 XLabs v1 over another pack's block replacement", diff)
+    assert foreign.calls == 2, f"the other pack's replacement ran {foreign.calls} times for 2 blocks in one call"
+    assert diff <= TOLERANCE, f"over another pack's block replacement: {diff:.2e}"
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_two_adapters_stack(runner, adapters):
+    """v1 and v2 applied one after the other = diffusers with both loaded (one image embedding each)."""
+    from diffusers.loaders.ip_adapter import FluxIPAdapterMixin
+
+    step = fp.make_flux_step(LATENT, batch=1, seed=11)
+    (c1, u1), (c2, u2) = clip_embeds(1, seed=12), clip_embeds(1, seed=13)
+    model = runner.patched("v1", c1, u1, 0.6)
+    model = runner.apply_adapter(model, adapters["v2"][1], runner.image_embeds(c2, u2, "image_embeds"), 0.9)
+    result = fp.comfy_flux_step(model, step)
+    inputs = fp.inputs_of(result, step)
+
+    class _Pipeline(FluxIPAdapterMixin):
+        def __init__(self, transformer):
+            self.transformer = transformer
+
+    transformer = runner.pair.diffusers
+    paths = [adapters["v1"][0], adapters["v2"][0]]
+    _Pipeline(transformer).load_ip_adapter([str(p.parent) for p in paths], weight_name=[p.name for p in paths],
+                                           image_encoder_pretrained_model_name_or_path=None, low_cpu_mem_usage=False)
+    runner.loaded = "v1+v2"
+    for processor in transformer.attn_processors.values():
+        if hasattr(processor, "scale"):
+            processor.scale = [0.6, 0.9]
+    images = [torch.cat([u1, c1])[:, None], torch.cat([u2, c2])[:, None]]
+    transformer_out = transformer(
+        hidden_states=fp.pack(inputs.x), encoder_hidden_states=inputs.text, pooled_projections=inputs.pooled,
+        timestep=torch.full((2,), inputs.sigma), img_ids=fp.image_ids(LATENT), txt_ids=torch.zeros(8, 3),
+        guidance=torch.full((2,), inputs.guidance), joint_attention_kwargs={"ip_adapter_image_embeds": images},
+        return_dict=False)[0]
+    uncond, cond = fp.unpack(transformer_out.float(), LATENT).chunk(2)
+    ref = uncond + step.cfg * (cond - uncond)
+    diff = relative_difference(result.eps, ref)
+    record("sampler FLUX.1 fp32 XLabs v1 + v2 stacked", diff)
+    assert diff <= TOLERANCE, f"two adapters stacked: {diff:.2e}"
+
+
 # --- mutants ----------------------------------------------------------------------------------
 
 
