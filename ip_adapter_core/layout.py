@@ -61,6 +61,16 @@ def flux_block(index: int) -> BlockKey:
     """The layer key of Flux double block `index` (ComfyUI's patches_replace["dit"] key is ("double_block", i))."""
     return ("double_block", index, 0)
 
+
+# InstantX SD3.5-Large IP-Adapter: SigLIP so400m/384 penultimate hidden states (27 x 27 patches of 1152)
+# through a time-conditioned resampler into 64 tokens as wide as the MMDiT (2432 in SD3.5 Large), and
+# per joint block norm_ip / to_k_ip / to_v_ip / norm_q / norm_k / norm_ip_k. ComfyUI's MMDiT calls its
+# joint blocks ("double_block", i) in patches_replace["dit"], as Flux does: the same layer keys.
+SD35_INSTANTX = "sd35-instantx"
+SIGLIP = "SigLIP so400m/384"
+SIGLIP_WIDTH, SIGLIP_TOKENS = 1152, 729
+SD35_LARGE_WIDTH = 2432  # 38 heads x 64; ComfyUI builds width // 64 joint blocks (38)
+
 # What each CLIP vision tower gives, by size: image_embeds width and penultimate width.
 ENCODERS = {
     "ViT-L": {"image_embeds": 768, "penultimate": 1024},
@@ -120,11 +130,16 @@ class AdapterSpec:
     crop_encoder: str = ""  # FaceID Plus: CLIP tower for the aligned face crop ("ViT-H"); "" = no crop
     crop_embed_dim: int = 0  # FaceID Plus: its penultimate width (1280)
     lora_rank: int = 0  # rank of the LoRA the file carries for every attention processor; 0 = none
-    family: str = "unet"  # "unet" (SD1.5/SDXL cross-attention) or FLUX_XLABS (Flux double blocks)
+    family: str = "unet"  # "unet" (SD1.5/SDXL cross-attention), FLUX_XLABS (Flux double blocks) or SD35_INSTANTX
 
     @property
     def is_flux(self) -> bool:
         return self.family == FLUX_XLABS
+
+    @property
+    def is_sd3(self) -> bool:
+        """InstantX SD3.5: layers are MMDiT joint blocks, context_dim their width, tokens per reference."""
+        return self.family == SD35_INSTANTX
 
     @property
     def depth(self) -> int:
@@ -154,6 +169,12 @@ class AdapterSpec:
         return self.lora_rank > 0
 
     def describe(self) -> str:
+        if self.is_sd3:
+            return (
+                f"InstantX IP-Adapter for {self.base_model}: time-conditioned resampler ({self.resampler_depth} "
+                f"layers, {self.resampler_heads} heads) of {self.encoder} {self.encoder_output} hidden states "
+                f"({self.embed_dim}) into {self.tokens} tokens of {self.context_dim}, {self.depth} joint blocks"
+            )
         if self.is_flux:
             return (
                 f"XLabs IP-Adapter for {self.base_model} ({self.variant}): linear projection of {self.encoder} "
@@ -224,6 +245,8 @@ def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
             "ip_adapter.*.to_k_ip/to_v_ip tensors)"
         )
 
+    if _is_sd35_instantx(proj):  # before XLabs: its blocks are numbered 0, 1, 2, ... too
+        return _detect_sd35_instantx(proj, ip)
     if _is_xlabs_flux(ip):
         return _detect_xlabs_flux(proj, ip)
     base_model, layers, context_dim = _detect_base(ip)
@@ -524,4 +547,73 @@ def _detect_xlabs_flux(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor
         variant={4: "v1", 16: "v2"}.get(tokens, f"{tokens} tokens"), base_model=FLUX_BASE_MODEL,
         projection="linear", encoder="ViT-L", encoder_output="image_embeds", embed_dim=embed_dim,
         context_dim=FLUX_CONTEXT_DIM, tokens=tokens, layers=tuple(flux_block(i) for i in blocks), family=FLUX_XLABS,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# InstantX SD3.5 Large
+# --------------------------------------------------------------------------------------------
+
+
+def _is_sd35_instantx(proj: dict[str, torch.Tensor]) -> bool:
+    # The only image projection with a time embedding of its own.
+    return any(k.startswith("time_embedding.") for k in proj)
+
+
+def _sd35_block_shapes(width: int, head_dim: int, time_dim: int) -> dict[str, tuple[int, ...]]:
+    return {"norm_ip.linear.weight": (2 * width, time_dim), "norm_ip.linear.bias": (2 * width,),
+            "to_k_ip.weight": (width, width), "to_v_ip.weight": (width, width),
+            "norm_q.weight": (head_dim,), "norm_k.weight": (head_dim,), "norm_ip_k.weight": (head_dim,)}
+
+
+def _detect_sd35_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]) -> AdapterSpec:
+    _, tokens, dim = _shape(proj, "latents", 3)
+    inner, embed_dim = _shape(proj, "proj_in.weight", 2)
+    width, inner_out = _shape(proj, "proj_out.weight", 2)
+    time_out, _ = _shape(proj, "time_embedding.linear_1.weight", 2)
+    if not dim == inner == inner_out == time_out:
+        raise AdapterFormatError(
+            f"image_proj latents ({dim}), proj_in ({inner}), proj_out ({inner_out}) and time_embedding ({time_out}) "
+            "disagree on the resampler's width: not an InstantX SD3.5 IP-Adapter layout"
+        )
+    if embed_dim != SIGLIP_WIDTH:
+        raise AdapterFormatError(
+            f"image_proj.proj_in takes {embed_dim}-wide hidden states ({encoder_name(embed_dim, 'penultimate')}); the "
+            f"InstantX SD3.5 IP-Adapter takes {SIGLIP} penultimate hidden states ({SIGLIP_TOKENS} x {SIGLIP_WIDTH})"
+        )
+    # InstantX's names (layers.{i}.0.to_q) or diffusers' converted ones (layers.{i}.attn.to_q).
+    q_key = next((k for k in ("layers.0.0.to_q.weight", "layers.0.attn.to_q.weight") if k in proj),
+                 "layers.0.0.to_q.weight")
+    heads = _shape(proj, q_key, 2)[0] // 64
+    depth = len({k.split(".")[1] for k in proj if k.startswith("layers.")})
+    blocks = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise AdapterFormatError(
+            f"ip_adapter blocks are numbered {blocks[:6]}{' ...' if len(blocks) > 6 else ''}: the InstantX SD3.5 "
+            "IP-Adapter has one per joint block, 0, 1, 2, ... without gaps"
+        )
+    head_dim = _shape(ip, "0.norm_q.weight", 1)[0] if "0.norm_q.weight" in ip else 0
+    if not head_dim or width % head_dim:
+        raise AdapterFormatError(f"ip_adapter.0.norm_q.weight is missing or does not divide the {width}-wide blocks")
+    want = _sd35_block_shapes(width, head_dim, dim)
+    expected = {f"{i}.{name}" for i in blocks for name in want}
+    if set(ip) != expected:
+        odd = sorted(set(ip) ^ expected)
+        raise AdapterFormatError(
+            "ip_adapter.{i} do not hold exactly norm_ip.linear, to_k_ip, to_v_ip, norm_q, norm_k and norm_ip_k per "
+            f"joint block (missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''})"
+        )
+    for key in sorted(expected):
+        shape = tuple(ip[key].shape)
+        if shape != want[key.split(".", 1)[1]]:
+            raise AdapterFormatError(
+                f"ip_adapter.{key} has shape {list(shape)}; expected {list(want[key.split('.', 1)[1]])} ({width}-wide "
+                f"joint blocks of {head_dim}-wide heads, a {dim}-wide time embedding)"
+            )
+    base = "SD3.5 Large" if width == SD35_LARGE_WIDTH else f"SD3 ({width} wide)"
+    return AdapterSpec(
+        variant="instantx", base_model=base, projection="time-resampler", encoder=SIGLIP,
+        encoder_output="penultimate", embed_dim=embed_dim, context_dim=width, tokens=tokens,
+        layers=tuple(flux_block(i) for i in blocks), resampler_heads=heads, resampler_depth=depth,
+        family=SD35_INSTANTX,
     )
