@@ -13,6 +13,7 @@ from ..ip_adapter_core.faceid_lora import lora_patches
 from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, ip_key, split_state_dict
 from .faceid_proj import FaceIDPlusProjection, FaceIDPortraitResampler, FaceIDProjection
 from .image_proj import LinearProjection, MLPProjection, Resampler
+from .sd3_adapter import SD3IPAdapterModel
 
 
 class IPKeyValue(nn.Module):
@@ -70,6 +71,8 @@ class IPAdapterModel(nn.Module):
         """Build from a flat (`image_proj.` / `ip_adapter.` prefixed) or nested state dict."""
         parts = state_dict if "image_proj" in state_dict else split_state_dict(state_dict)
         spec = detect(parts)
+        if spec.is_sd3:  # a time-conditioned resampler and joint-block modules: models/sd3_adapter.py
+            return SD3IPAdapterModel.from_parts(spec, parts)
         with torch.device("meta"):
             model = cls(spec, parts)
         flat = {f"{head}.{k}": v for head, sd in parts.items() for k, v in sd.items()}
