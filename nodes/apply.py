@@ -14,8 +14,10 @@ import torch
 from ..ip_adapter_core.attention import IPApplication
 from ..ip_adapter_core.embeds import ImageEmbeds, image_tokens
 from ..ip_adapter_core.layer_weights import LayerWeights
+from ..ip_adapter_core.layout import encoder_name
 from ..ip_adapter_core.masks import check_mask
 from ..ip_adapter_core.schedule import ScheduleWindow
+from ..ip_adapter_core.sd3 import SD3Application, sd3_encodings
 from . import comfy_seam as seam
 from .encode import encode_embeds
 from .widgets import CATEGORY, CLIP_VISION, COMBINE, END, IPADAPTER, MODEL, START, WEIGHT, WEIGHT_TYPE
@@ -33,6 +35,11 @@ class FaceIDOptions:
 
 def check_embeds(adapter: seam.LoadedAdapter, embeds: ImageEmbeds) -> None:
     spec = adapter.spec
+    if spec.is_sd3 and (embeds.output != spec.encoder_output or embeds.width != spec.embed_dim):
+        given = f"{encoder_name(embeds.width, embeds.output)} {embeds.output} ({embeds.width} wide)"
+        raise ValueError(f"{adapter.name} is an InstantX SD3.5 adapter: it takes {spec.encoder} penultimate hidden "
+                         f"states ({spec.embed_dim} wide); these embeds are {given}: encode the reference with a "
+                         "SigLIP so400m vision model")
     if spec.is_faceid and embeds.output not in ("arcface", "arcface_raw"):
         raise ValueError(f"{adapter.name} is a FaceID adapter: it takes face embeddings from IP-Adapter Encode Face, "
                          f"not {embeds.output} from IP-Adapter Encode Image")
@@ -62,8 +69,15 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
     if adapter.spec.is_flux and (mask is not None or weight_type != "V only"):
         raise ValueError(f"{adapter.name} is an XLabs FLUX.1 adapter: it takes the 'V only' weight type and no "
                          "attention mask (both are for UNet adapters only, so far)")
+    if adapter.spec.is_sd3 and (mask is not None or weight_type != "V only"):
+        raise ValueError(f"{adapter.name} is an InstantX SD3.5 adapter: it takes the 'V only' weight type and no "
+                         "attention mask (both are for UNet adapters only, so far)")
     check_embeds(adapter, embeds)
     seam.check_fits(model, adapter)
+    if adapter.spec.is_sd3:  # its image tokens depend on each step's time: the patch projects them per call
+        cond, uncond = sd3_encodings(embeds, combine_embeds, one_per_latent)
+        weights = None if layer_weights is None else tuple(layer_weights)
+        return seam.patch_model(model, adapter, SD3Application(adapter.model, cond, uncond, weight, weights), window)
     shortcut = faceid.plus_v2 if adapter.spec.needs_face_crop else None
     project = seam.token_projector(model, adapter, shortcut, faceid.s_scale)
     cond_tokens, uncond_tokens = image_tokens(project, embeds, combine_embeds, one_per_latent)

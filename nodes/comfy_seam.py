@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import comfy.clip_vision
 import comfy.ldm.flux.layers as comfy_flux_layers
 import comfy.ldm.modules.attention as comfy_attention
+import comfy.ldm.modules.diffusionmodules.mmdit as comfy_mmdit
 import comfy.model_base
 import comfy.model_management
 import comfy.model_patcher
@@ -37,8 +38,11 @@ from ..ip_adapter_core.embeds import Projection
 from ..ip_adapter_core.flux import double_block_term, pre_rope_image_query
 from ..ip_adapter_core.layout import AdapterSpec, BlockKey
 from ..ip_adapter_core.schedule import ScheduleWindow
+from ..ip_adapter_core.sd3 import SD3Application
+from ..models.discovery import FileIndex
 from ..models.files import load_adapter
 from ..models.ip_adapter import IPAdapterModel
+from ..models.sd3_adapter import SD3IPAdapterModel
 
 log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 
@@ -195,6 +199,55 @@ def file_stamp(folder: str, name: str) -> str:
     return "" if stamp is None else "{}:{}".format(*stamp)
 
 
+# --- finding files by what they are (the auto loaders) --------------------------------------------
+
+FILE_INDEX = FileIndex()  # header classifications, re-read only when a file's size or mtime changes
+CLIP_VISION_FOLDER = "clip_vision"
+
+
+def folder_entries(folder: str) -> list[tuple[str, str]]:
+    """[(name as ComfyUI lists it, full path)] of every file in the registered folder(s) `folder`."""
+    entries = []
+    for name in folder_paths.get_filename_list(folder):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            entries.append((name, path))
+    return entries
+
+
+def folder_state(*folders: str) -> str:
+    """Names, sizes and mtimes of the files in `folders` (stat only): what IS_CHANGED of an auto loader keys on."""
+    parts = []
+    for folder in folders:
+        for name, path in folder_entries(folder):
+            parts.append(f"{folder}/{name}:{disk_stamp(path)}")
+    return "|".join(parts)
+
+
+def first_folder(folder: str) -> str:
+    """Where a missing file of `folder` should go: its first registered path."""
+    paths = folder_paths.get_folder_paths(folder)
+    return paths[0] if paths else os.path.join("models", folder)
+
+
+def base_model_of(model: comfy.model_patcher.ModelPatcher) -> str:
+    """The base family of a MODEL as the presets name it ("SD1.5", "SDXL"), or its config's class name."""
+    config = getattr(model.model, "model_config", None)
+    context = None if config is None else config.unet_config.get("context_dim")
+    bases = {768: "SD1.5", 2048: "SDXL"}
+    if context in bases and hasattr(model.model, "diffusion_model") and hasattr(
+            model.model.diffusion_model, "input_blocks"):
+        return bases[context]
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def load_clip_vision_file(path: str) -> comfy.clip_vision.ClipVisionModel:
+    clip_vision = comfy.clip_vision.load(path)
+    if clip_vision is None:
+        raise ValueError(f"{os.path.basename(path)}: ComfyUI's CLIP vision loader does not know this model")
+    return clip_vision
+
+
 def numbered_output_path(folder: str, prefix: str, extension: str) -> str:
     """A new numbered file path for `prefix` in `folder`, as ComfyUI's save nodes number files."""
     full_folder, name, counter, _, _ = folder_paths.get_save_image_path(prefix, folder)
@@ -271,7 +324,8 @@ class AdapterCache:
         Counts every IPAdapterModel, not just the cached ones, so a copy kept alive somewhere
         else (a stale patch, a deep copy) shows up. One per file in use is the healthy figure.
         """
-        return sum(1 for obj in gc.get_objects() if type(obj) is IPAdapterModel)  # no __class__ proxies
+        kinds = (IPAdapterModel, SD3IPAdapterModel)
+        return sum(1 for obj in gc.get_objects() if type(obj) in kinds)  # no __class__ proxies
 
     def stats(self) -> dict:
         return {"files_read": self.reads, "live_adapters": self.live_copies(), "cached_files": self.cached_files()}
@@ -512,6 +566,9 @@ def cross_attention_at(model: comfy.model_patcher.ModelPatcher, key: BlockKey) -
 
 def check_fits(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter) -> None:
     """Refuse, before anything is patched, an adapter whose layers the model does not have."""
+    if adapter.spec.is_sd3 or is_sd3_model(model):
+        check_fits_sd3(model, adapter)
+        return
     if adapter.spec.is_flux or is_flux_model(model):
         check_fits_flux(model, adapter)
         return
@@ -539,7 +596,8 @@ def check_fits(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter) 
             )
 
 
-def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter, application: IPApplication,
+def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
+                application: IPApplication | SD3Application,
                 window: ScheduleWindow) -> comfy.model_patcher.ModelPatcher:
     """A clone of `model` with the image path on every cross-attention layer the adapter covers.
 
@@ -556,6 +614,9 @@ def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
     gate = ScheduleGate(window, patched.model)
     if adapter.spec.is_flux:
         _patch_flux_double_blocks(patched, adapter, application, gate)
+        return patched
+    if adapter.spec.is_sd3:
+        _patch_sd3_joint_blocks(patched, adapter, application, gate)
         return patched
     table = patched.model_options["transformer_options"].get("patches_replace", {}).get("attn2", {})
     for i, key in enumerate(adapter.spec.layers):
@@ -711,6 +772,191 @@ def _patch_flux_double_blocks(patched: comfy.model_patcher.ModelPatcher, adapter
     table = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for i in range(adapter.spec.depth):
         patch = FluxDoubleBlockPatch(i, application, gate, adapter, patched.model, table.get(("double_block", i)))
+        patched.set_model_patch_replace(patch, "dit", "double_block", i)
+
+
+# --- SD3 joint blocks (InstantX SD3.5-Large IP-Adapter) --------------------------------------
+
+def is_sd3_model(model: comfy.model_patcher.ModelPatcher) -> bool:
+    """Whether the MODEL is ComfyUI's SD3 model class (an MMDiT with joint blocks)."""
+    return isinstance(model.model, comfy.model_base.SD3) and hasattr(model.model.diffusion_model, "joint_blocks")
+
+
+def check_fits_sd3(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter) -> None:
+    """Refuse an SD3 adapter on a model that is not SD3 (and the reverse), or one of another depth or width."""
+    spec, name = adapter.spec, _model_name(model)
+    if spec.is_sd3 and not is_sd3_model(model):
+        raise ValueError(
+            f"{adapter.name} is an InstantX {spec.base_model} IP-Adapter ({spec.depth} joint blocks, "
+            f"{spec.context_dim} wide) but the model is {name}, not an SD3 model: use it with SD3.5 Large, or load an "
+            f"IP-Adapter made for {name}"
+        )
+    if not spec.is_sd3:
+        raise ValueError(
+            f"{adapter.name} is an {spec.base_model} IP-Adapter but the model is {name}, an SD3 model (MMDiT joint "
+            "blocks): use the InstantX SD3.5-Large IP-Adapter with it"
+        )
+    blocks = model.model.diffusion_model.joint_blocks
+    x_block = blocks[0].x_block
+    width = x_block.attn.qkv.weight.shape[1]
+    head_dim = adapter.model.block(0).norm_q.weight.shape[0]
+    if len(blocks) != spec.depth or width != spec.context_dim:
+        raise ValueError(
+            f"{adapter.name} covers {spec.depth} joint blocks {spec.context_dim} wide ({spec.base_model}) but {name} "
+            f"has {len(blocks)} joint blocks {width} wide: this adapter was made for an SD3 model of another size"
+        )
+    if x_block.attn.head_dim != head_dim:
+        raise ValueError(f"{adapter.name} normalises {head_dim}-wide heads but {name}'s heads are "
+                         f"{x_block.attn.head_dim} wide: this adapter was made for another SD3 model")
+    if any(b.x_block.x_block_self_attn or b.x_block.scale_mod_only for b in blocks):
+        raise ValueError(f"{name} has MMDiT-X blocks (a second picture self-attention, as SD3.5 Medium): the InstantX "
+                         "adapter is for SD3.5 Large's joint blocks")
+
+
+def sd3_timesteps(base_model: torch.nn.Module, sigmas: torch.Tensor, rows: int) -> torch.Tensor:
+    """The diffusion model's timestep for each of `rows` batch rows, from the sampler's sigmas with the
+    sampling object the model runs with on this call (1000 * sigma for SD3): what the resampler and every
+    norm_ip take. ComfyUI's sigmas hold one value per latent: the cond/uncond chunks repeat them."""
+    timesteps = base_model.model_sampling.timestep(sigmas).float().flatten()
+    if rows % timesteps.shape[0]:
+        raise RuntimeError(f"{timesteps.shape[0]} sigmas for a batch of {rows}: cannot tell each row's timestep")
+    return timesteps.repeat(rows // timesteps.shape[0])
+
+
+def sd3_picture_projections(x_block: torch.nn.Module, x: torch.Tensor, c: torch.Tensor) -> tuple:
+    """The picture side of a joint block's pre_attention, recomputed from the block's own modules.
+
+    Returns (q_raw, k_raw, v) [B, N, heads, head_dim], the raw projections (the block's ln_q / ln_k are not
+    in q_raw / k_raw: the adapter brings its own norms), and the intermediates post_attention takes.
+    """
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = x_block.adaLN_modulation(c).chunk(6, dim=1)
+    qkv = x_block.attn.qkv(comfy_mmdit.modulate(x_block.norm1(x), shift_msa, scale_msa))
+    q_raw, k_raw, v = comfy_mmdit.split_qkv(qkv, x_block.attn.head_dim)
+    return (q_raw, k_raw, v), (x, gate_msa, shift_mlp, scale_mlp, gate_mlp)
+
+
+# term(q_raw, k_raw, v [B, N, hidden], heads, transformer_options) -> [B, N, hidden] or None
+SD3Term = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int, dict], "torch.Tensor | None"]
+
+
+def sd3_joint_block(block: torch.nn.Module, args: dict, terms: Sequence[SD3Term]) -> dict:
+    """A ComfyUI MMDiT JointBlock as its `_block_mixing` runs it, with `terms` added to the picture's
+    joint-attention output before the picture's post_attention (output projection, gate, MLP).
+
+    args: ComfyUI's patches_replace["dit"] arguments ({"img", "txt", "vec", "transformer_options"}).
+    """
+    x, context, c = args["img"], args["txt"], args["vec"]
+    options = args.get("transformer_options") or {}
+    context_block, x_block = block.context_block, block.x_block
+    context_qkv, context_intermediates = context_block.pre_attention(context, c)
+    (q_raw, k_raw, v), x_intermediates = sd3_picture_projections(x_block, x, c)
+    attn_x = x_block.attn
+    flat = (q_raw.shape[0], q_raw.shape[1], -1)
+    x_qkv = (attn_x.ln_q(q_raw).reshape(flat), attn_x.ln_k(k_raw).reshape(flat), v)
+    qkv = [torch.cat((context_qkv[i], x_qkv[i]), dim=1) for i in range(3)]
+    kwargs = {"transformer_options": options} if _TAKES_TRANSFORMER_OPTIONS else {}
+    attn = comfy_mmdit.optimized_attention(*qkv, heads=attn_x.num_heads, **kwargs)
+    split = context_qkv[0].shape[1]
+    context_attn, x_attn = attn[:, :split], attn[:, split:]
+    context = None if context_block.pre_only else context_block.post_attention(context_attn, *context_intermediates)
+    for term in terms:
+        out = term(q_raw.reshape(flat), k_raw.reshape(flat), v.reshape(flat), attn_x.num_heads, options)
+        if out is not None:
+            x_attn = x_attn + out.to(x_attn.dtype)
+    return {"txt": context, "img": x_block.post_attention(x_attn, *x_intermediates)}
+
+
+class SD3JointBlockPatch:
+    """ComfyUI's `patches_replace["dit"][("double_block", i)]` for one adapter on one MMDiT joint block.
+
+    The term has to join the picture's attention output before the block's output projection, so the
+    block is computed here (`sd3_joint_block`), not run as a whole. Stacking: a patch of ours already on
+    the block hands its term over, and the block runs once with every term. Another pack's replacement
+    that was there first is called with our computation as its `original_block`: where it runs the
+    original block, both apply; where it replaces the block outright, our term is lost on that block and
+    the log says so (once per patch).
+    """
+
+    def __init__(self, block_index: int, application: SD3Application, gate: ScheduleGate,
+                 adapter: LoadedAdapter, base_model: torch.nn.Module, inner: Callable | None):
+        self.block_index = block_index
+        self.application = application
+        self.gate = gate
+        self.adapter = adapter
+        self._base_model = weakref.ref(base_model)
+        self.inner = inner
+        self._warned = False
+
+    def _model(self) -> torch.nn.Module:
+        base_model = self._base_model()
+        if base_model is None:
+            raise RuntimeError("the SD3 model this adapter was applied to is gone")
+        return base_model
+
+    def term(self, q_raw: torch.Tensor, k_raw: torch.Tensor, v: torch.Tensor, heads: int,
+             options: dict) -> torch.Tensor | None:
+        if not self.gate.is_open(options):
+            return None
+        sigmas = options.get("sigmas")
+        if sigmas is None:
+            raise RuntimeError("the SD3.5 IP-Adapter needs the sampler's sigmas in transformer_options (its image "
+                               "tokens depend on the timestep); this model call came without them")
+        codes = options.get("cond_or_uncond") or [COMFY_COND]
+        timesteps = sd3_timesteps(self._model(), sigmas.to(q_raw.device), q_raw.shape[0])
+        return self.application.block_term(self.block_index, q_raw, k_raw, v, heads, timesteps,
+                                           [c == COMFY_COND for c in codes], call_key=sigmas)
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        return self._run(args, extra, [])
+
+    def _run(self, args: dict, extra: dict, outer: list[SD3Term]) -> dict:
+        terms = [self.term, *outer]
+        if isinstance(self.inner, SD3JointBlockPatch):
+            return self.inner._run(args, extra, terms)
+        block = self._model().diffusion_model.joint_blocks[self.block_index]
+        if self.inner is None:
+            return sd3_joint_block(block, args, terms)
+        ran = []
+
+        def original_block(inner_args: dict) -> dict:
+            ran.append(True)
+            return sd3_joint_block(block, inner_args, terms)
+
+        out = self.inner(args, {**extra, "original_block": original_block})
+        if not ran and not self._warned:
+            self._warned = True
+            log.warning("another replacement of SD3 joint block %d did not run the original block: the image prompt "
+                        "of %s is not applied on that block", self.block_index, self.adapter.name)
+        return out
+
+    def __deepcopy__(self, memo: dict) -> SD3JointBlockPatch:
+        import copy
+
+        clone = copy.copy(self)  # shares the application, gate, adapter and the model reference
+        clone.inner = copy.deepcopy(self.inner, memo)
+        return clone
+
+    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
+    def to(self, *args, **kwargs) -> SD3JointBlockPatch:
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def models(self) -> list:
+        inner = self.inner.models() if hasattr(self.inner, "models") else []
+        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
+
+    def applications(self) -> list[SD3Application]:
+        """Every adapter application stacked on this block, innermost first."""
+        inner = self.inner.applications() if isinstance(self.inner, SD3JointBlockPatch) else []
+        return inner + [self.application]
+
+
+def _patch_sd3_joint_blocks(patched: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
+                            application: SD3Application, gate: ScheduleGate) -> None:
+    table = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
+    for i in range(adapter.spec.depth):
+        patch = SD3JointBlockPatch(i, application, gate, adapter, patched.model, table.get(("double_block", i)))
         patched.set_model_patch_replace(patch, "dit", "double_block", i)
 
 
