@@ -12,7 +12,7 @@ from .apply import ApplyIPAdapter, ApplyIPAdapterFaceID, IPAdapterAllInOne, IPAd
 from .embeds import IPAdapterCombineEmbeds, IPAdapterLoadEmbeds, IPAdapterSaveEmbeds
 from .encode import EncodeIPAdapterFace, EncodeIPAdapterImage, IPAdapterNoiseImage
 from .layer_weights import IPAdapterLayerWeights
-from .load import LoadInsightFace, LoadIPAdapter
+from .load import LoadInsightFace, LoadIPAdapter, LoadIPAdapterAuto, LoadIPAdapterFaceIDAuto
 
 comfy_seam.check_comfyui()
 comfy_seam.register_folders()
@@ -21,6 +21,8 @@ comfy_seam.register_routes()
 # Ids are our own (another popular pack owns the IPAdapter* names without "Exact").
 NODES = {
     "IPAdapterExactLoader": (LoadIPAdapter, "Load IP-Adapter"),
+    "IPAdapterExactAutoLoader": (LoadIPAdapterAuto, "Load IP-Adapter (auto)"),
+    "IPAdapterExactFaceIDAutoLoader": (LoadIPAdapterFaceIDAuto, "Load IP-Adapter FaceID (auto)"),
     "IPAdapterExactEncode": (EncodeIPAdapterImage, "IP-Adapter Encode Image"),
     "IPAdapterExactApply": (ApplyIPAdapter, "Apply IP-Adapter"),
     "IPAdapterExactSimple": (IPAdapterAllInOne, "IP-Adapter (all in one)"),

@@ -39,6 +39,7 @@ from ..ip_adapter_core.flux import double_block_term, pre_rope_image_query
 from ..ip_adapter_core.layout import AdapterSpec, BlockKey
 from ..ip_adapter_core.schedule import ScheduleWindow
 from ..ip_adapter_core.sd3 import SD3Application
+from ..models.discovery import FileIndex
 from ..models.files import load_adapter
 from ..models.ip_adapter import IPAdapterModel
 from ..models.sd3_adapter import SD3IPAdapterModel
@@ -196,6 +197,55 @@ def file_stamp(folder: str, name: str) -> str:
     """
     stamp = disk_stamp(folder_paths.get_full_path(folder, name))
     return "" if stamp is None else "{}:{}".format(*stamp)
+
+
+# --- finding files by what they are (the auto loaders) --------------------------------------------
+
+FILE_INDEX = FileIndex()  # header classifications, re-read only when a file's size or mtime changes
+CLIP_VISION_FOLDER = "clip_vision"
+
+
+def folder_entries(folder: str) -> list[tuple[str, str]]:
+    """[(name as ComfyUI lists it, full path)] of every file in the registered folder(s) `folder`."""
+    entries = []
+    for name in folder_paths.get_filename_list(folder):
+        path = folder_paths.get_full_path(folder, name)
+        if path is not None:
+            entries.append((name, path))
+    return entries
+
+
+def folder_state(*folders: str) -> str:
+    """Names, sizes and mtimes of the files in `folders` (stat only): what IS_CHANGED of an auto loader keys on."""
+    parts = []
+    for folder in folders:
+        for name, path in folder_entries(folder):
+            parts.append(f"{folder}/{name}:{disk_stamp(path)}")
+    return "|".join(parts)
+
+
+def first_folder(folder: str) -> str:
+    """Where a missing file of `folder` should go: its first registered path."""
+    paths = folder_paths.get_folder_paths(folder)
+    return paths[0] if paths else os.path.join("models", folder)
+
+
+def base_model_of(model: comfy.model_patcher.ModelPatcher) -> str:
+    """The base family of a MODEL as the presets name it ("SD1.5", "SDXL"), or its config's class name."""
+    config = getattr(model.model, "model_config", None)
+    context = None if config is None else config.unet_config.get("context_dim")
+    bases = {768: "SD1.5", 2048: "SDXL"}
+    if context in bases and hasattr(model.model, "diffusion_model") and hasattr(
+            model.model.diffusion_model, "input_blocks"):
+        return bases[context]
+    return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def load_clip_vision_file(path: str) -> comfy.clip_vision.ClipVisionModel:
+    clip_vision = comfy.clip_vision.load(path)
+    if clip_vision is None:
+        raise ValueError(f"{os.path.basename(path)}: ComfyUI's CLIP vision loader does not know this model")
+    return clip_vision
 
 
 def numbered_output_path(folder: str, prefix: str, extension: str) -> str:
