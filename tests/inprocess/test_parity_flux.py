@@ -194,6 +194,30 @@ def test_schedule_window(runner, base_case):
     assert diff_out <= TOLERANCE, f"window [0.5, 1] not holding the step: {diff_out:.2e} from the bare model"
 
 
+@pytest.mark.slow
+@torch.inference_mode()
+def test_bf16_weights_manual_cast(runner, base_case):
+    """ComfyUI's CPU default for bf16 weights: stored bf16, computed in fp32 ("manual cast"), where the block's
+    qkv projection is cast by ComfyUI's ops, so the query goes through the module itself. The stand-in file
+    and the adapter are bf16 already, so diffusers' fp32 model holds the very same values."""
+    import comfy.sd
+
+    step, _, _, inputs, ref, _ = base_case
+    cond, uncond = clip_embeds(1, seed=2)
+    model = comfy.sd.load_diffusion_model(str(ensure_flux_transformer()), model_options={"dtype": torch.bfloat16})
+    try:
+        assert model.model.manual_cast_dtype == torch.float32, "expected ComfyUI's CPU manual cast for bf16 weights"
+        assert model.model.diffusion_model.double_blocks[0].img_attn.qkv.comfy_cast_weights
+        patched = runner.apply_adapter(model, runner.adapters["v1"][1],
+                                       runner.image_embeds(cond, uncond, "image_embeds"), 0.7)
+        diff, _ = fp.flux_parity(patched, step, ref, inputs)
+    finally:
+        del model
+        gc.collect()
+    record("sampler FLUX.1 bf16 weights manual cast XLabs v1 w0.7", diff)
+    assert diff <= TOLERANCE, f"bf16 weights computed in fp32: {diff:.2e}"
+
+
 class ForeignBlock:
     """Another pack's ("double_block", i) replacement: runs the original block and counts its calls."""
 
