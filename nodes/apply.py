@@ -130,6 +130,10 @@ class ApplyIPAdapter:
 
     def apply(self, model, ipadapter, image_embeds, weight, weight_type, start_at, end_at, combine_embeds,
               attn_mask=None, layer_weights=None, one_image_per_latent=False):
+        if layer_weights is not None and ipadapter.spec.is_flux:
+            # The presets and tables name UNet blocks (input/middle/output); Flux has double blocks.
+            raise ValueError(f"{ipadapter.name} is an XLabs FLUX.1 adapter: the Layer Weights node is for UNet "
+                             "adapters (SD1.5/SDXL blocks); disconnect it")
         weights = None if layer_weights is None else layer_weights.for_layers(ipadapter.spec.layers)
         return (apply_adapter(model, ipadapter, image_embeds, weight, weight_type, start_at, end_at,
                               combine_embeds, attn_mask, weights, one_image_per_latent),)
@@ -186,6 +190,9 @@ class IPAdapterStyleComposition:
 
     def apply(self, model, ipadapter, clip_vision, image_style, image_composition, weight_style,
               weight_composition, strong_style, weight_type, start_at, end_at):
+        if ipadapter.spec.is_flux:
+            raise ValueError(f"{ipadapter.name} is an XLabs FLUX.1 adapter: style and composition pick UNet blocks "
+                             "(SD1.5/SDXL); use Apply IP-Adapter with it")
         layers = ipadapter.spec.layers
         style_preset = "strong style transfer" if strong_style else "style transfer"
         parts = ((image_style, style_preset, weight_style), (image_composition, "composition", weight_composition))

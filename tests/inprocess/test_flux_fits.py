@@ -99,3 +99,19 @@ def test_fitting_adapter_patches_every_double_block(flux, files):
     assert [patch.block_index for _, patch in sorted(table.items())] == [0, 1]
     assert "dit" not in flux.model_options["transformer_options"].get("patches_replace", {})
     assert files["flux-2.safetensors"].patcher in patched.model_patches_models()
+
+
+def test_apply_node_takes_flux_adapter_and_refuses_unet_block_controls(flux, files):
+    """Apply IP-Adapter patches a Flux MODEL the same way; Layer Weights and Style & Composition name UNet blocks."""
+    from ipadapter_pack.ip_adapter_core.layer_weights import LayerWeights
+    from ipadapter_pack.nodes.apply import ApplyIPAdapter, IPAdapterStyleComposition
+
+    adapter = files["flux-2.safetensors"]
+    (patched,) = ApplyIPAdapter().apply(flux, adapter, _embeds(768), 0.8, "V only", 0.0, 1.0, "concat")
+    table = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    assert [patch.application.weight for _, patch in sorted(table.items())] == [0.8, 0.8]
+    with pytest.raises(ValueError, match=r"Layer Weights node is for UNet adapters"):
+        ApplyIPAdapter().apply(flux, adapter, _embeds(768), 0.8, "V only", 0.0, 1.0, "concat",
+                               layer_weights=LayerWeights("linear"))
+    with pytest.raises(ValueError, match=r"style and composition pick UNet blocks"):
+        IPAdapterStyleComposition().apply(flux, adapter, None, None, None, 1.0, 1.0, False, "V only", 0.0, 1.0)
