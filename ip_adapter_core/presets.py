@@ -154,6 +154,7 @@ class Candidate:
     mtime_ns: int
     spec: AdapterSpec | None = None  # adapters
     tower: str = ""  # CLIP vision files
+    kv_rows: tuple[int, ...] = ()  # UNet adapters: the layer widths it was made for (empty: not known)
 
 
 @dataclass(frozen=True)
@@ -168,12 +169,20 @@ def adapter_fits(wanted: AdapterFile, base_model: str, spec: AdapterSpec | None)
             and spec.encoder == wanted.encoder and spec.crop_encoder == wanted.crop_encoder)
 
 
-def pick_adapter(wanted: AdapterFile, base_model: str, candidates: list[Candidate]) -> Choice | None:
+def widths_fit(candidate: Candidate, model_rows: tuple[int, ...] | None) -> bool:
+    """Whether an adapter's layer widths are the model's (None or empty on either side: not checked here)."""
+    return not model_rows or not candidate.kv_rows or candidate.kv_rows == model_rows
+
+
+def pick_adapter(wanted: AdapterFile, base_model: str, candidates: list[Candidate],
+                 model_rows: tuple[int, ...] | None = None) -> Choice | None:
     """The preset's adapter among `candidates`, by tensors first, then by `rank_key`; None if none fits.
 
+    model_rows: the model's cross-attention widths in the adapter's layer order, when known: a file made
+    for a UNet of other widths (a pruned or resized fine-tune's adapter) does not fit.
     A file whose name carries another same-layout preset's word ("light" for standard) is picked only when
     no other file fits, and the choice then says so."""
-    fits = sorted((c for c in candidates if adapter_fits(wanted, base_model, c.spec)),
+    fits = sorted((c for c in candidates if adapter_fits(wanted, base_model, c.spec) and widths_fit(c, model_rows)),
                   key=lambda c: rank_key(wanted, c.name, c.mtime_ns))
     if not fits:
         return None
@@ -190,12 +199,19 @@ def pick_encoder(wanted: EncoderFile, candidates: list[Candidate]) -> Choice | N
     return Choice(fits[0]) if fits else None
 
 
-def near_misses(wanted: AdapterFile, base_model: str, candidates: list[Candidate]) -> list[str]:
-    """Files of the preset's variant made for another base model or encoder: named in the error, never picked."""
+def near_misses(wanted: AdapterFile, base_model: str, candidates: list[Candidate],
+                model_rows: tuple[int, ...] | None = None) -> list[str]:
+    """Files of the preset's variant made for another base model, encoder or UNet width: named in the error,
+    never picked."""
     out = []
     for c in candidates:
         spec = c.spec
-        if spec is not None and spec.variant == wanted.variant and not adapter_fits(wanted, base_model, spec):
+        if spec is None or spec.variant != wanted.variant:
+            continue
+        if not adapter_fits(wanted, base_model, spec):
             out.append(f"{c.name} is a {spec.variant} adapter for {spec.base_model} with {spec.encoder}, not for "
                        f"{base_model} with {wanted.encoder}")
+        elif not widths_fit(c, model_rows):
+            out.append(f"{c.name} is a {spec.variant} {spec.base_model} adapter made for a UNet of other layer "
+                       f"widths ({sorted(set(c.kv_rows))} vs this model's {sorted(set(model_rows or ()))})")
     return out

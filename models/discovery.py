@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, split_state_dict
+from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, ip_key, split_state_dict
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # safetensors' own limit
 
@@ -102,6 +102,7 @@ class FileKind:
     spec: AdapterSpec | None = None  # adapters
     tower: str = ""  # clip_vision: "ViT-H", "ViT-bigG", "ViT-L", "SigLIP-384", ...
     reason: str = ""  # other: why it is none of those
+    kv_rows: tuple[int, ...] = ()  # UNet adapters: rows of each layer's to_k_ip (the UNet widths it was made for)
 
     def describe(self) -> str:
         if self.kind == "adapter" and self.spec is not None:
@@ -125,7 +126,8 @@ def classify(path: str) -> FileKind:
         spec = detect(split_state_dict(meta))
     except AdapterFormatError as e:
         return FileKind("other", reason=f"{os.path.basename(path)}: {e}")
-    return FileKind("adapter", spec=spec)
+    rows = tuple(shapes.get(f"ip_adapter.{ip_key(i)}.to_k_ip.weight", (0,))[0] for i in range(len(spec.layers)))
+    return FileKind("adapter", spec=spec, kv_rows=rows if spec.base_model in ("SD1.5", "SDXL") else ())
 
 
 def clip_vision_tower(shapes: dict[str, tuple[int, ...]]) -> str:

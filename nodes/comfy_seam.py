@@ -36,7 +36,7 @@ import torch
 from ..ip_adapter_core.attention import IPApplication
 from ..ip_adapter_core.embeds import Projection
 from ..ip_adapter_core.flux import double_block_term, pre_rope_image_query
-from ..ip_adapter_core.layout import AdapterSpec, BlockKey
+from ..ip_adapter_core.layout import BASE_MODELS, AdapterSpec, BlockKey
 from ..ip_adapter_core.schedule import ScheduleWindow
 from ..ip_adapter_core.sd3 import SD3Application
 from ..models.discovery import FileIndex
@@ -239,6 +239,18 @@ def base_model_of(model: comfy.model_patcher.ModelPatcher) -> str:
             model.model.diffusion_model, "input_blocks"):
         return bases[context]
     return type(config).__name__ if config is not None else type(model.model).__name__
+
+
+def cross_attention_rows(model: comfy.model_patcher.ModelPatcher, base_model: str) -> tuple[int, ...] | None:
+    """The widths of the model's cross-attention layers in an adapter's layer order (None: not a known UNet)."""
+    layers = BASE_MODELS.get(base_model, ((), 0))[0]
+    rows = []
+    for key in layers:
+        attn2 = cross_attention_at(model, key)
+        if attn2 is None:
+            return None
+        rows.append(attn2.to_k.weight.shape[0])
+    return tuple(rows) or None
 
 
 def load_clip_vision_file(path: str) -> comfy.clip_vision.ClipVisionModel:

@@ -41,7 +41,7 @@ class Found:
 def _candidates(folder: str) -> tuple[list[Candidate], dict[str, str]]:
     candidates, paths = [], {}
     for name, path, mtime, kind in seam.FILE_INDEX.scan(seam.folder_entries(folder)):
-        candidates.append(Candidate(name, mtime, kind.spec, kind.tower))
+        candidates.append(Candidate(name, mtime, kind.spec, kind.tower, kind.kv_rows))
         paths[name] = path
     return candidates, paths
 
@@ -53,8 +53,9 @@ def find(model, preset_name: str) -> Found:
     wanted = preset.for_base(base)  # refuses a preset that has no file for this base
 
     adapters, adapter_paths = _candidates(seam.ADAPTER_FOLDER)
+    rows = seam.cross_attention_rows(model, base)
     missing: list[str] = []
-    adapter = presets.pick_adapter(wanted, base, adapters)
+    adapter = presets.pick_adapter(wanted, base, adapters, rows)
     if adapter is None:
         missing.append(f"{wanted.name} into {seam.first_folder(seam.ADAPTER_FOLDER)} (from {wanted.url})")
 
@@ -81,7 +82,7 @@ def find(model, preset_name: str) -> Found:
                            f"(from {presets.INSIGHTFACE_URL})")
 
     if missing:
-        misses = presets.near_misses(wanted, base, adapters)
+        misses = presets.near_misses(wanted, base, adapters, rows)
         hint = f" Found but not usable here: {'; '.join(misses)}." if misses else ""
         raise FileNotFoundError(f"IP-Adapter preset '{preset.label}' for {base} needs: " + "; ".join(missing)
                                 + "." + hint)

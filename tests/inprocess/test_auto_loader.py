@@ -129,3 +129,14 @@ def test_faceid_finds_adapter_pack_and_crop_encoder(pack, comfy_inprocess, model
 
         encoded = node(pack, "IPAdapterExactEncodeFace").encode(ipadapter, faces, one_face()[0][None], 0, clip_vision)
     assert encoded[0].cond.shape[-1] == 512
+
+
+def test_an_adapter_for_other_unet_widths_is_not_picked(pack, models, folders, sd15):
+    """The suite's SD1.5 is 320 wide at every level; an adapter for SD1.5's real widths cannot serve it."""
+    put(models, folders, "ipadapter/sd15_plus.safetensors", "ipadapter", "ip-adapter-plus_sd15.safetensors")
+    put(models, folders, "clip_vision/vit_h.safetensors", "clip_vision", "vit-h.safetensors")
+    with pytest.raises(FileNotFoundError, match="made for a UNet of other layer widths"):
+        node(pack, "IPAdapterExactAutoLoader").load(sd15, "plus")
+    put(models, folders, "ipadapter/sd15_tiny_plus.safetensors", "ipadapter", "fits.safetensors")
+    ipadapter, _, info = node(pack, "IPAdapterExactAutoLoader").load(sd15, "plus")
+    assert "fits.safetensors" in info and ipadapter.spec.variant == "plus"
