@@ -433,3 +433,52 @@ def test_sd3_refusals_name_both_sides(pair, adapter, sd15, models, tmp_path):
     clip_width["image_proj.proj_in.weight"] = torch.zeros(256, 1280)
     with pytest.raises(AdapterFormatError, match=r"1280-wide hidden states \(ViT-H\).*SigLIP so400m/384"):
         detect(split_state_dict(clip_width))
+
+
+# --- stacking and composing -----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_sd3_stacks_and_composes_with_other_replacements(pair, adapter, two_sigmas, caplog):
+    """Two applications of the adapter on one model add their terms in one block run (the term is linear
+    in the weight, so 0.5 + 0.9 on the same references is diffusers at 1.4); another pack's joint-block
+    replacement that was there first still runs (once per block, with our block as its original_block)
+    and parity holds; one that never runs the original block costs our term there, and the log says so."""
+    apply_adapter, seam, image_embeds = _pack()
+    _, embeds, weight, refs = two_sigmas
+    step, ref, inputs = refs[1]
+    uncond, cond = embeds.chunk(2)
+    siglip = image_embeds(cond, uncond, "penultimate")
+    stacked = apply_adapter(apply_adapter(pair.comfy, adapter, siglip, 0.5), adapter, siglip, weight - 0.5)
+    patch = stacked.model_options["transformer_options"]["patches_replace"]["dit"][("double_block", 0)]
+    assert len(patch.applications()) == 2
+    err_stacked, _ = h.sd3_parity(stacked, step, ref, inputs)
+
+    calls = []
+
+    def passing(args, extra):
+        calls.append(True)
+        return extra["original_block"](args)
+
+    foreign = pair.comfy.clone()
+    for i in range(DEPTH):
+        foreign.set_model_patch_replace(passing, "dit", "double_block", i)
+    composed = apply_adapter(foreign, adapter, siglip, weight)
+    err_composed, _ = h.sd3_parity(composed, step, ref, inputs)
+
+    def replacing(args, extra):
+        block = pair.comfy.model.diffusion_model.joint_blocks[1]
+        txt, img = block(args["txt"], args["img"], c=args["vec"], transformer_options=args["transformer_options"])
+        return {"txt": txt, "img": img}
+
+    blind = pair.comfy.clone()
+    blind.set_model_patch_replace(replacing, "dit", "double_block", 1)
+    with caplog.at_level(logging.WARNING):
+        h.sd3_parity(apply_adapter(blind, adapter, siglip, weight), step, ref, inputs)
+    record("sd3 two applications stacked (0.5 + 0.9)", err_stacked)
+    record("sd3 over another pack's joint-block replacement", err_composed)
+    assert len(calls) == DEPTH, f"the other replacement ran {len(calls)} times for {DEPTH} blocks"
+    assert max(err_stacked, err_composed) <= TOLERANCE, (
+        f"stacked {err_stacked:.2e}, over another replacement {err_composed:.2e} > {TOLERANCE:.0e}")
+    assert "joint block 1 did not run the original block" in caplog.text
