@@ -338,11 +338,11 @@ def _query_after_rope(model):
     return mutant
 
 
-MUTANTS = {
-    "double block 1 term dropped": lambda m: _drop_block(m, 1),
-    "double block 0 term dropped": lambda m: _drop_block(m, 0),
-    "query after RoPE": _query_after_rope,
-    "cond/uncond swapped": _swap_cond_uncond,
+MUTANTS = {  # ids without spaces or slashes: they are passed as pytest node ids (release matrix)
+    "block1-term-dropped": lambda m: _drop_block(m, 1),
+    "block0-term-dropped": lambda m: _drop_block(m, 0),
+    "query-after-rope": _query_after_rope,
+    "cond-uncond-swapped": _swap_cond_uncond,
 }
 
 
