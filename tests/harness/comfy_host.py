@@ -94,7 +94,8 @@ def error_messages(entry: dict) -> list[str]:
 def comfy_dir() -> Path:
     """The ComfyUI checkout to run: $COMFYUI_PATH, else the copy that scripts/bootstrap.sh fetches."""
     env = os.environ.get("COMFYUI_PATH")
-    path = Path(env).expanduser() if env else REPO / ".cache" / f"comfyui-{COMFYUI_VERSION}"
+    cache = Path(os.environ.get("IPADAPTER_CACHE") or REPO / ".cache")  # where scripts/bootstrap.sh puts it
+    path = Path(env).expanduser() if env else cache / f"comfyui-{COMFYUI_VERSION}"
     if not (path / "main.py").is_file():
         how = ("COMFYUI_PATH must point to a ComfyUI checkout (the folder that holds main.py)" if env else
                "run `make setup` (scripts/bootstrap.sh) to fetch ComfyUI, "

@@ -73,6 +73,7 @@ def prepare_comfy(force_cpu: bool = True) -> Path | None:
     register_packages()
     from tests.harness import comfy_host, torchvision_cpu
 
+    torchvision_cpu.install()  # diffusers imports torchvision too, with or without ComfyUI
     try:
         path = comfy_host.comfy_dir()
     except FileNotFoundError as exc:
@@ -85,7 +86,6 @@ def prepare_comfy(force_cpu: bool = True) -> Path | None:
     if "comfy.model_management" in sys.modules:
         log.warning("comfy.model_management was imported before the CPU could be selected")
         return path
-    torchvision_cpu.install()
     import comfy.cli_args
     import torch
 
