@@ -20,6 +20,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 
 import comfy.clip_vision
@@ -825,6 +826,31 @@ def check_fits_sd3(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapt
                          "adapter is for SD3.5 Large's joint blocks")
 
 
+# ComfyUI releases before mid-2025 call a joint-block replacement without transformer_options (no sigmas, no
+# cond/uncond codes): an APPLY_MODEL wrapper on the patched clone keeps the model call's own options here.
+_SD3_CALL_OPTIONS: ContextVar[dict | None] = ContextVar("ipadapter_exact_sd3_call_options", default=None)
+SD3_WRAPPER_KEY = "ipadapter_exact_sd3"
+
+
+def _hold_call_options(executor: Callable, x, t, c_concat=None, c_crossattn=None, control=None,
+                       transformer_options: dict | None = None, **kwargs):
+    """APPLY_MODEL wrapper: the call's transformer_options readable by the SD3 patches while it runs."""
+    token = _SD3_CALL_OPTIONS.set(transformer_options)
+    try:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    finally:
+        _SD3_CALL_OPTIONS.reset(token)
+
+
+def _hold_call_options_on(patched: comfy.model_patcher.ModelPatcher) -> None:
+    import comfy.patcher_extension
+
+    kind = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    held = patched.model_options["transformer_options"].get("wrappers", {}).get(kind, {}).get(SD3_WRAPPER_KEY)
+    if not held:
+        patched.add_wrapper_with_key(kind, SD3_WRAPPER_KEY, _hold_call_options)
+
+
 def sd3_timesteps(base_model: torch.nn.Module, sigmas: torch.Tensor, rows: int) -> torch.Tensor:
     """The diffusion model's timestep for each of `rows` batch rows, from the sampler's sigmas with the
     sampling object the model runs with on this call (1000 * sigma for SD3): what the resampler and every
@@ -858,7 +884,7 @@ def sd3_joint_block(block: torch.nn.Module, args: dict, terms: Sequence[SD3Term]
     args: ComfyUI's patches_replace["dit"] arguments ({"img", "txt", "vec", "transformer_options"}).
     """
     x, context, c = args["img"], args["txt"], args["vec"]
-    options = args.get("transformer_options") or {}
+    options = args.get("transformer_options") or _SD3_CALL_OPTIONS.get() or {}
     context_block, x_block = block.context_block, block.x_block
     context_qkv, context_intermediates = context_block.pre_attention(context, c)
     (q_raw, k_raw, v), x_intermediates = sd3_picture_projections(x_block, x, c)
@@ -966,6 +992,7 @@ class SD3JointBlockPatch:
 
 def _patch_sd3_joint_blocks(patched: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
                             application: SD3Application, gate: ScheduleGate) -> None:
+    _hold_call_options_on(patched)
     table = patched.model_options["transformer_options"].get("patches_replace", {}).get("dit", {})
     for i in range(adapter.spec.depth):
         patch = SD3JointBlockPatch(i, application, gate, adapter, patched.model, table.get(("double_block", i)))

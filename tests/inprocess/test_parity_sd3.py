@@ -469,7 +469,9 @@ def test_sd3_stacks_and_composes_with_other_replacements(pair, adapter, two_sigm
 
     def replacing(args, extra):
         block = pair.comfy.model.diffusion_model.joint_blocks[1]
-        txt, img = block(args["txt"], args["img"], c=args["vec"], transformer_options=args["transformer_options"])
+        # Releases before mid-2025 give replacements (and their blocks) no transformer_options.
+        options = {k: args[k] for k in ("transformer_options",) if k in args}
+        txt, img = block(args["txt"], args["img"], c=args["vec"], **options)
         return {"txt": txt, "img": img}
 
     blind = pair.comfy.clone()
