@@ -484,3 +484,33 @@ def test_sd3_stacks_and_composes_with_other_replacements(pair, adapter, two_sigm
     assert max(err_stacked, err_composed) <= TOLERANCE, (
         f"stacked {err_stacked:.2e}, over another replacement {err_composed:.2e} > {TOLERANCE:.0e}")
     assert "joint block 1 did not run the original block" in caplog.text
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_sd3_file_in_diffusers_naming_builds_the_same_adapter(comfy_inprocess):
+    """A file whose resampler carries diffusers' converted names (ln0, attn.to_kv, ff.net.0.proj, adaln_proj,
+    ...: the state dict of diffusers' own IPAdapterTimeImageProjection) is read as the same adapter."""
+    from diffusers import SD3Transformer2DModel
+
+    from ipadapter_pack.models.ip_adapter import IPAdapterModel
+
+    flat = sd3_models.instantx_state_dict(WIDTH, 1, seed=47, resampler_dim=256, resampler_heads=4)
+    instantx = IPAdapterModel.from_state_dict(flat)
+    proj = {k.removeprefix("image_proj."): v for k, v in flat.items() if k.startswith("image_proj.")}
+    converter = SimpleNamespace()  # the converter reads nothing of its model without low_cpu_mem_usage
+    converted = SD3Transformer2DModel._convert_ip_adapter_image_proj_to_diffusers(converter, proj,
+                                                                                    low_cpu_mem_usage=False)
+    renamed = {f"image_proj.{k}": v for k, v in converted.state_dict().items()}
+    assert "image_proj.layers.0.attn.to_kv.weight" in renamed and "image_proj.layers.0.0.to_kv.weight" not in renamed
+    renamed.update({k: v for k, v in flat.items() if k.startswith("ip_adapter.")})
+    diffusers_named = IPAdapterModel.from_state_dict(renamed)
+    assert diffusers_named.spec == instantx.spec
+    cond, _ = _states(2, seed=48)
+    timesteps = torch.tensor([955.0, 320.0])
+    ours = instantx.resample(cond, timesteps, torch.float32, torch.device("cpu"))
+    theirs = diffusers_named.resample(cond, timesteps, torch.float32, torch.device("cpu"))
+    reference = converted(cond, timesteps)
+    for a, b, c in zip(ours, theirs, reference, strict=True):
+        assert torch.equal(a, b)
+        assert relative_difference(a, c) <= TOLERANCE, f"resampler vs diffusers' {relative_difference(a, c):.2e}"
