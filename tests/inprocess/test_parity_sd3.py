@@ -514,3 +514,22 @@ def test_sd3_file_in_diffusers_naming_builds_the_same_adapter(comfy_inprocess):
     for a, b, c in zip(ours, theirs, reference, strict=True):
         assert torch.equal(a, b)
         assert relative_difference(a, c) <= TOLERANCE, f"resampler vs diffusers' {relative_difference(a, c):.2e}"
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_sd3_cond_and_uncond_in_separate_calls(pair, two_sigmas):
+    """ComfyUI's low-memory path (one model call per cond, the same sigmas tensor for both): the image tokens
+    cached for a call must not leak into the other half."""
+    from tests.harness.parity import _one_call_per_cond
+
+    model, _, _, refs = two_sigmas
+    step, ref, inputs = refs[1]
+    separate = model.clone()
+    separate.set_model_sampler_calc_cond_batch_function(_one_call_per_cond)
+    result = h.comfy_sd3_step(separate, step)
+    got = [c.cond_or_uncond for c in result.calls]
+    assert sorted(got) == [[h.COND], [h.UNCOND]], f"ComfyUI called the model as {got}"
+    err = relative_difference(result.v, ref)
+    record("sd3 w1.4 cond and uncond in separate calls", err)
+    assert err <= TOLERANCE, f"separate calls: ComfyUI + pack vs diffusers {err:.2e} > {TOLERANCE:.0e}"
