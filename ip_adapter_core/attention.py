@@ -74,11 +74,18 @@ class IPApplication:
     weight_type: str = "V only"
     layer_weights: Sequence[float] | None = None  # one multiplier per adapter layer
     mask: torch.Tensor | None = None  # [1 or batch, H, W] in [0, 1]
+    # One flag per adapter layer: True moves the reference to the negative side there (IPAdapter
+    # plus's "precise" weight types): conditional chunks attend to zero image tokens, unconditional
+    # chunks to the reference's tokens. None (or False) leaves the layer as it is.
+    swap_to_uncond: Sequence[bool] | None = None
     _kv_cache: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.weight_type not in WEIGHT_TYPES:
             raise ValueError(f"unknown weight type {self.weight_type!r}; expected one of {', '.join(WEIGHT_TYPES)}")
+        if self.swap_to_uncond is not None and self.layer_weights is not None and (
+                len(self.swap_to_uncond) != len(self.layer_weights)):
+            raise ValueError(f"{len(self.swap_to_uncond)} swap flags for {len(self.layer_weights)} layer weights")
 
     def __deepcopy__(self, memo: dict) -> IPApplication:
         # Hosts deep-copy model options on every clone (ComfyUI does); an application is
@@ -111,6 +118,19 @@ class IPApplication:
             self._kv_cache[layer_index] = tuple(out)
         return self._kv_cache[layer_index]
 
+    def zero_token_key_values(self, layer_index: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, V) of all-zero image tokens for a layer: what a swapped layer's conditional chunks see."""
+        self.key_values(layer_index, like)  # sets the cache's device and dtype
+        slot = ("zero tokens", layer_index)
+        if slot not in self._kv_cache:
+            kv = self.adapter.key_value(layer_index)
+            zeros = torch.zeros_like(self.cond_tokens[:1]).to(like.device, like.dtype)
+            # Projected through the layer like any tokens: a bias (if the adapter has one) stays.
+            self._kv_cache[slot] = tuple(
+                zeros @ p.weight.to(like).T + (0 if getattr(p, "bias", None) is None else p.bias.to(like))
+                for p in (kv.to_k_ip, kv.to_v_ip))
+        return self._kv_cache[slot]
+
     def image_term(self, layer_index: int, q: torch.Tensor, heads: int, chunk_is_cond: Sequence[bool],
                    latent_hw: tuple[int, int] | None = None) -> torch.Tensor | None:
         """The weighted image attention for one layer, or None where this layer's weight is 0.
@@ -124,6 +144,9 @@ class IPApplication:
             return None
         batch = q.shape[0] // len(chunk_is_cond)
         k_c, v_c, k_u, v_u = self.key_values(layer_index, q)
+        if self.swap_to_uncond is not None and self.swap_to_uncond[layer_index]:
+            k_u, v_u = k_c, v_c
+            k_c, v_c = self.zero_token_key_values(layer_index, q)
         k_ip = torch.cat([pad_batch(k_c if c else k_u, batch, "reference embeddings") for c in chunk_is_cond])
         v_ip = torch.cat([pad_batch(v_c if c else v_u, batch, "reference embeddings") for c in chunk_is_cond])
         out = weighted_ip_attention(q, k_ip, v_ip, heads, weight, self.weight_type)

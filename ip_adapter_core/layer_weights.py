@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass
 
 from .layout import BlockKey
+from .plus_weights import ResolvedWeights, is_plus_table, parse_plus_table, plus_table_weights
 
 WEAK = 0.2  # what "weak" leaves of the weight
 EASE_FLOOR = 0.05  # the lowest multiplier of the ease curves
@@ -225,7 +226,8 @@ def dict_weights(scales: dict, layers: tuple[BlockKey, ...]) -> list[float]:
 class LayerWeights:
     """A per-layer weighting chosen in the graph, resolved once the adapter's layers are known.
 
-    `table` refines the preset; `block_dict` (diffusers semantics) stands alone.
+    `table` refines the preset; `block_dict` (diffusers semantics) stands alone, and so does
+    `plus_table`, IPAdapter plus's "index:value" weights (unlisted transformer indices get 0).
     """
 
     preset: str = "linear"
@@ -233,6 +235,7 @@ class LayerWeights:
     block_dict: dict | None = None
     style: float = 1.0
     composition: float = 1.0
+    plus_table: tuple[tuple[int, float], ...] = ()
 
     @classmethod
     def parse(cls, preset: str, table_text: str = "", dict_text: str = "",
@@ -242,12 +245,32 @@ class LayerWeights:
             raise ValueError(f"unknown layer weights preset {preset!r}; expected one of {', '.join(PRESETS)}")
         if table_text.strip() and dict_text.strip():
             raise ValueError("give either a layer table or a diffusers block dictionary, not both")
+        if is_plus_table(table_text):
+            # That pack's form sets every layer (unlisted ones to 0): a preset under it would be silently lost.
+            if preset != "linear":
+                raise ValueError(f"the 'index:value' layer weights set every layer (indices not listed get 0), so "
+                                 f"they replace the preset: set preset to linear (it is {preset!r})")
+            return cls(preset, (), None, style, composition, parse_plus_table(table_text))
         table = tuple(parse_table(table_text)) if table_text.strip() else ()
         block_dict = parse_block_dict(dict_text) if dict_text.strip() else None
         return cls(preset, table, block_dict, style, composition)
 
     def for_layers(self, layers: tuple[BlockKey, ...]) -> list[float]:
+        if self.plus_table:
+            return plus_table_weights(self.plus_table, layers)
         if self.block_dict is not None:
             return dict_weights(self.block_dict, layers)
         weights = preset_weights(self.preset, layers, self.style, self.composition)
         return table_weights(list(self.table), layers, weights) if self.table else weights
+
+    def resolve(self, layers: tuple[BlockKey, ...], weight: float) -> ResolvedWeights:
+        """The Apply weight as it is, with one multiplier per layer; no layer swaps to the negative."""
+        return ResolvedWeights(weight, self.for_layers(layers), None)
+
+
+def resolve_layer_weights(layer_weights: LayerWeights | None, layers: tuple[BlockKey, ...],
+                          weight: float) -> ResolvedWeights:
+    """What Apply passes on for its optional layer_weights input (a LayerWeights or a PlusWeightType)."""
+    if layer_weights is None:
+        return ResolvedWeights(weight, None, None)
+    return layer_weights.resolve(layers, weight)

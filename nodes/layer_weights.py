@@ -6,7 +6,11 @@ from ..ip_adapter_core.layer_weights import PRESETS, LayerWeights
 from .widgets import CATEGORY
 
 TABLE_TOOLTIP = ("Optional per-layer table refining the preset: 'default=0, output 1=1, input 8=0.5', 'input 7.3=0.2' "
-                 "(one transformer), '#5=0' (adapter layer 5), or one number per adapter layer.")
+                 "(one transformer), '#5=0' (adapter layer 5), or one number per adapter layer. Or IPAdapter "
+                 "plus's form 'index:value, index:value' (e.g. '3:1.0, 6:0.5'): its transformer numbering, SD1.5 "
+                 "0-15 (0-5 input 1,2,4,5,7,8; 6 middle; 7-15 output 3-11), SDXL 0-10 (0-3 input 4,5,7,8; 4 middle; "
+                 "5-10 output 0-5; all depth sub-blocks of a transformer share its index); indices not listed get "
+                 "0, so it replaces the preset (keep preset linear).")
 DICT_TOOLTIP = ('Optional diffusers/InstantStyle block dictionary, e.g. {"up": {"block_0": [0, 1, 0]}}; blocks not '
                 "named get 0, exactly as diffusers' set_ip_adapter_scale. Replaces preset and table.")
 
