@@ -71,6 +71,20 @@ SIGLIP = "SigLIP so400m/384"
 SIGLIP_WIDTH, SIGLIP_TOKENS = 1152, 729
 SD35_LARGE_WIDTH = 2432  # 38 heads x 64; ComfyUI builds width // 64 joint blocks (38)
 
+# InstantX FLUX.1-dev IP-Adapter: SigLIP so400m/384 pooler_output (1152, from the attention-pooling head)
+# through an MLP (proj.0 1152 -> 2304, GELU, proj.2 -> 128 x 4096, LayerNorm `norm`) into 128 tokens of T5
+# width, and per attention processor `{i}.to_k_ip/to_v_ip [3072, 4096]` without bias: FLUX.1's 19 double
+# blocks first (0..18), then its 38 single blocks (19..56), diffusers' attn_processors order.
+FLUX_INSTANTX = "flux-instantx"
+FLUX_SINGLE_BLOCKS = 38  # in the published FLUX.1 dev/schnell
+SIGLIP_POOLED = "pooled"  # SigLIP's pooler_output (attention-pooling head), an ImageEmbeds output kind
+
+
+def flux_processor(index: int) -> BlockKey:
+    """The layer key of InstantX FLUX.1 processor `index`: the model's double blocks first, then its single ones."""
+    return ("flux_block", index, 0)
+
+
 # What each CLIP vision tower gives, by size: image_embeds width and penultimate width.
 ENCODERS = {
     "ViT-L": {"image_embeds": 768, "penultimate": 1024},
@@ -137,6 +151,11 @@ class AdapterSpec:
         return self.family == FLUX_XLABS
 
     @property
+    def is_flux_instantx(self) -> bool:
+        """InstantX FLUX.1: layers are Flux blocks, double blocks first, then single ones (FLUX.1: 19 + 38)."""
+        return self.family == FLUX_INSTANTX
+
+    @property
     def is_sd3(self) -> bool:
         """InstantX SD3.5: layers are MMDiT joint blocks, context_dim their width, tokens per reference."""
         return self.family == SD35_INSTANTX
@@ -169,6 +188,12 @@ class AdapterSpec:
         return self.lora_rank > 0
 
     def describe(self) -> str:
+        if self.is_flux_instantx:
+            return (
+                f"InstantX IP-Adapter for {self.base_model}: MLP projection of {self.encoder} {self.encoder_output} "
+                f"({self.embed_dim}) into {self.tokens} tokens of {self.context_dim}, "
+                f"{self.depth} Flux blocks (double blocks first, then single ones: 19 + 38 in FLUX.1)"
+            )
         if self.is_sd3:
             return (
                 f"InstantX IP-Adapter for {self.base_model}: time-conditioned resampler ({self.resampler_depth} "
@@ -245,6 +270,8 @@ def detect(parts: dict[str, dict[str, torch.Tensor]]) -> AdapterSpec:
             "ip_adapter.*.to_k_ip/to_v_ip tensors)"
         )
 
+    if _is_flux_instantx(proj, ip):  # before XLabs: its blocks are numbered 0, 1, 2, ... too
+        return _detect_flux_instantx(proj, ip)
     if _is_sd35_instantx(proj):  # before XLabs: its blocks are numbered 0, 1, 2, ... too
         return _detect_sd35_instantx(proj, ip)
     if _is_xlabs_flux(ip):
@@ -616,4 +643,69 @@ def _detect_sd35_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Ten
         encoder_output="penultimate", embed_dim=embed_dim, context_dim=width, tokens=tokens,
         layers=tuple(flux_block(i) for i in blocks), resampler_heads=heads, resampler_depth=depth,
         family=SD35_INSTANTX,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# InstantX FLUX.1-dev
+# --------------------------------------------------------------------------------------------
+
+
+def _is_flux_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]) -> bool:
+    # An MLP projection whose output is cut into T5-wide tokens, and processors numbered from 0 without
+    # bias: full-face has proj.3 and odd numbers, FaceID's MLP feeds 768/2048-wide UNet tokens.
+    norm = proj.get("norm.weight")
+    return ("proj.0.weight" in proj and "proj.2.weight" in proj and "proj.3.weight" not in proj
+            and norm is not None and tuple(norm.shape) == (FLUX_CONTEXT_DIM,) and "0.to_k_ip.weight" in ip)
+
+
+def flux_instantx_split(processors: int, double_blocks: int) -> tuple[int, int]:
+    """(double, single) blocks an InstantX FLUX.1 adapter with `processors` covers on a model with
+    `double_blocks` double blocks: the file numbers them in one run, double blocks first, and does not
+    say where the single blocks start, so the model decides (FLUX.1: 19 + 38 = 57)."""
+    return double_blocks, processors - double_blocks
+
+
+def _detect_flux_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]) -> AdapterSpec:
+    inner, embed_dim = _shape(proj, "proj.0.weight", 2)
+    out_dim, inner_in = _shape(proj, "proj.2.weight", 2)
+    if _shape(proj, "proj.0.bias", 1) != (inner,) or _shape(proj, "proj.2.bias", 1) != (out_dim,):
+        raise AdapterFormatError("image_proj.proj.0/proj.2 biases do not match their weights")
+    if _shape(proj, "norm.bias", 1) != (FLUX_CONTEXT_DIM,):
+        raise AdapterFormatError(f"image_proj.norm.bias is not {FLUX_CONTEXT_DIM} wide like its weight")
+    tokens, rest = divmod(out_dim, FLUX_CONTEXT_DIM)
+    if rest or inner_in != inner:
+        raise AdapterFormatError(
+            f"image_proj.proj.2.weight is {out_dim}x{inner_in} after a {inner}-wide proj.0: the InstantX FLUX.1 "
+            f"IP-Adapter's MLP gives whole {FLUX_CONTEXT_DIM}-wide tokens (128) from proj.0's output"
+        )
+    if embed_dim != SIGLIP_WIDTH:
+        raise AdapterFormatError(
+            f"image_proj.proj.0 takes {embed_dim}-wide embeddings ({encoder_name(embed_dim, 'image_embeds')}); the "
+            f"InstantX FLUX.1 IP-Adapter takes {SIGLIP} pooled embeddings ({SIGLIP_WIDTH})"
+        )
+    blocks = sorted({int(k.split(".")[0]) for k in ip if k.split(".")[0].isdigit()})
+    if not blocks or blocks != list(range(len(blocks))):
+        raise AdapterFormatError(
+            f"ip_adapter processors are numbered {blocks[:6]}{' ...' if len(blocks) > 6 else ''}: the InstantX FLUX.1 "
+            "IP-Adapter has one per Flux block, 0, 1, 2, ... without gaps"
+        )
+    expected = {f"{i}.{name}.weight" for i in blocks for name in ("to_k_ip", "to_v_ip")}
+    if set(ip) != expected:
+        odd = sorted(set(ip) ^ expected)
+        raise AdapterFormatError(
+            "ip_adapter.{i} do not hold exactly to_k_ip.weight and to_v_ip.weight per Flux block, without bias "
+            f"(missing or unknown: {', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''})"
+        )
+    for key in sorted(expected):
+        if tuple(ip[key].shape) != (FLUX_HIDDEN, FLUX_CONTEXT_DIM):
+            raise AdapterFormatError(
+                f"ip_adapter.{key} has shape {list(ip[key].shape)}; expected {[FLUX_HIDDEN, FLUX_CONTEXT_DIM]} "
+                f"(FLUX.1's {FLUX_HIDDEN}-wide blocks, {FLUX_CONTEXT_DIM}-wide image tokens)"
+            )
+    layers = tuple(flux_processor(i) for i in blocks)  # which are double or single: the model says
+    return AdapterSpec(
+        variant="instantx", base_model=FLUX_BASE_MODEL, projection="mlp-tokens", encoder=SIGLIP,
+        encoder_output=SIGLIP_POOLED, embed_dim=embed_dim, context_dim=FLUX_CONTEXT_DIM, tokens=tokens,
+        layers=layers, family=FLUX_INSTANTX,
     )
