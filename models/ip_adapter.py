@@ -12,6 +12,7 @@ from torch import nn
 from ..ip_adapter_core.faceid_lora import lora_patches
 from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, ip_key, split_state_dict
 from .faceid_proj import FaceIDPlusProjection, FaceIDPortraitResampler, FaceIDProjection
+from .flux_instantx import FluxInstantXAdapterModel
 from .image_proj import LinearProjection, MLPProjection, Resampler
 from .sd3_adapter import SD3IPAdapterModel
 
@@ -73,6 +74,8 @@ class IPAdapterModel(nn.Module):
         spec = detect(parts)
         if spec.is_sd3:  # a time-conditioned resampler and joint-block modules: models/sd3_adapter.py
             return SD3IPAdapterModel.from_parts(spec, parts)
+        if spec.is_flux_instantx:  # a pooled-embedding MLP, k/v per Flux block: models/flux_instantx.py
+            return FluxInstantXAdapterModel.from_parts(spec, parts)
         with torch.device("meta"):
             model = cls(spec, parts)
         flat = {f"{head}.{k}": v for head, sd in parts.items() for k, v in sd.items()}
