@@ -67,7 +67,13 @@ EXTRA_PARITY_TESTS = {"0.33.0": ("tests/inprocess/test_parity_faceid.py::test_fa
                                  "tests/inprocess/test_parity_flux.py::test_xlabs_cases",
                                  "tests/inprocess/test_parity_flux.py::test_schedule_window",
                                  "tests/inprocess/test_parity_flux.py::test_composes_with_another_packs_block_replacement",
-                                 "tests/inprocess/test_parity_flux.py::test_mutant_fails_parity")}
+                                 "tests/inprocess/test_parity_flux.py::test_mutant_fails_parity",
+                                 # InstantX SD3.5 parity through the sampler, its time embedding and its mutants.
+                                 "tests/inprocess/test_parity_sd3.py::test_bare_sd3_matches_diffusers",
+                                 "tests/inprocess/test_parity_sd3.py::test_sd3_adapter_matches_diffusers",
+                                 "tests/inprocess/test_parity_sd3.py::test_sd3_time_embedding_follows_the_step",
+                                 "tests/inprocess/test_parity_sd3.py::test_sd3_schedule_window",
+                                 "tests/inprocess/test_parity_sd3.py::test_sd3_mutants_fail")}
 EXTRA_WORKFLOWS = {"0.33.0": ("faceid_portrait_sd15",)}
 
 
