@@ -13,7 +13,8 @@ import torch
 
 from ..ip_adapter_core.attention import IPApplication
 from ..ip_adapter_core.embeds import ImageEmbeds, image_tokens
-from ..ip_adapter_core.layer_weights import LayerWeights
+from ..ip_adapter_core.flux_instantx import FluxInstantXApplication
+from ..ip_adapter_core.layer_weights import LayerWeights, resolve_layer_weights
 from ..ip_adapter_core.layout import encoder_name
 from ..ip_adapter_core.masks import check_mask
 from ..ip_adapter_core.schedule import ScheduleWindow
@@ -40,6 +41,11 @@ def check_embeds(adapter: seam.LoadedAdapter, embeds: ImageEmbeds) -> None:
         raise ValueError(f"{adapter.name} is an InstantX SD3.5 adapter: it takes {spec.encoder} penultimate hidden "
                          f"states ({spec.embed_dim} wide); these embeds are {given}: encode the reference with a "
                          "SigLIP so400m vision model")
+    if spec.is_flux_instantx and (embeds.output != spec.encoder_output or embeds.width != spec.embed_dim):
+        given = f"{encoder_name(embeds.width, embeds.output)} {embeds.output} ({embeds.width} wide)"
+        raise ValueError(f"{adapter.name} is an InstantX FLUX.1 adapter: it takes {spec.encoder} pooled embeddings "
+                         f"({spec.embed_dim} wide, the attention-pooling head's output); these embeds are {given}: "
+                         "encode the reference with a SigLIP so400m vision model that has its head")
     if spec.is_faceid and embeds.output not in ("arcface", "arcface_raw"):
         raise ValueError(f"{adapter.name} is a FaceID adapter: it takes face embeddings from IP-Adapter Encode Face, "
                          f"not {embeds.output} from IP-Adapter Encode Image")
@@ -60,8 +66,11 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
                   weight_type: str = "V only", start_at: float = 0.0, end_at: float = 1.0,
                   combine_embeds: str = "concat", attn_mask: torch.Tensor | None = None,
                   layer_weights: Sequence[float] | None = None, one_per_latent: bool = False,
-                  faceid: FaceIDOptions = FaceIDOptions()):
-    """A patched clone of `model`; every check runs before anything is built."""
+                  faceid: FaceIDOptions = FaceIDOptions(), swap_to_uncond: Sequence[bool] | None = None):
+    """A patched clone of `model`; every check runs before anything is built.
+
+    swap_to_uncond: per layer, whether the reference acts as the negative there (the precise weight types).
+    """
     window = ScheduleWindow(start_at, end_at)
     if layer_weights is not None and len(layer_weights) != len(adapter.spec.layers):
         raise ValueError(f"{len(layer_weights)} layer weights for {len(adapter.spec.layers)} adapter layers")
@@ -69,6 +78,9 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
     if adapter.spec.is_flux and (mask is not None or weight_type != "V only"):
         raise ValueError(f"{adapter.name} is an XLabs FLUX.1 adapter: it takes the 'V only' weight type and no "
                          "attention mask (both are for UNet adapters only, so far)")
+    if adapter.spec.is_flux_instantx and (mask is not None or weight_type != "V only"):
+        raise ValueError(f"{adapter.name} is an InstantX FLUX.1 adapter: it takes the 'V only' weight type and no "
+                         "attention mask (its published processor has neither)")
     if adapter.spec.is_sd3 and (mask is not None or weight_type != "V only"):
         raise ValueError(f"{adapter.name} is an InstantX SD3.5 adapter: it takes the 'V only' weight type and no "
                          "attention mask (both are for UNet adapters only, so far)")
@@ -81,7 +93,9 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
     shortcut = faceid.plus_v2 if adapter.spec.needs_face_crop else None
     project = seam.token_projector(model, adapter, shortcut, faceid.s_scale)
     cond_tokens, uncond_tokens = image_tokens(project, embeds, combine_embeds, one_per_latent)
-    application = IPApplication(
+    # InstantX FLUX.1: the same image attention with its processor's RMSNorm on the image keys.
+    application_class = FluxInstantXApplication if adapter.spec.is_flux_instantx else IPApplication
+    application = application_class(
         adapter=adapter.model,
         cond_tokens=cond_tokens,
         uncond_tokens=uncond_tokens,
@@ -89,6 +103,7 @@ def apply_adapter(model, adapter: seam.LoadedAdapter, embeds: ImageEmbeds, weigh
         weight_type=weight_type,
         layer_weights=None if layer_weights is None else tuple(layer_weights),
         mask=mask,
+        swap_to_uncond=None if swap_to_uncond is None else tuple(swap_to_uncond),
     )
     patched = seam.patch_model(model, adapter, application, window)
     seam.add_adapter_lora(patched, adapter, faceid.lora_strength)
@@ -130,13 +145,17 @@ class ApplyIPAdapter:
 
     def apply(self, model, ipadapter, image_embeds, weight, weight_type, start_at, end_at, combine_embeds,
               attn_mask=None, layer_weights=None, one_image_per_latent=False):
+        if layer_weights is not None and ipadapter.spec.is_flux_instantx:
+            raise ValueError(f"{ipadapter.name} is an InstantX FLUX.1 adapter: the Layer Weights node is for UNet "
+                             "adapters (SD1.5/SDXL blocks); disconnect it")
         if layer_weights is not None and ipadapter.spec.is_flux:
             # The presets and tables name UNet blocks (input/middle/output); Flux has double blocks.
             raise ValueError(f"{ipadapter.name} is an XLabs FLUX.1 adapter: the Layer Weights node is for UNet "
                              "adapters (SD1.5/SDXL blocks); disconnect it")
-        weights = None if layer_weights is None else layer_weights.for_layers(ipadapter.spec.layers)
+        # IPAdapter plus weight types resolve to absolute per-layer weights (the weight passed on is then 1.0).
+        weight, weights, swaps = resolve_layer_weights(layer_weights, ipadapter.spec.layers, weight)
         return (apply_adapter(model, ipadapter, image_embeds, weight, weight_type, start_at, end_at,
-                              combine_embeds, attn_mask, weights, one_image_per_latent),)
+                              combine_embeds, attn_mask, weights, one_image_per_latent, swap_to_uncond=swaps),)
 
 
 class IPAdapterAllInOne:
@@ -190,6 +209,9 @@ class IPAdapterStyleComposition:
 
     def apply(self, model, ipadapter, clip_vision, image_style, image_composition, weight_style,
               weight_composition, strong_style, weight_type, start_at, end_at):
+        if ipadapter.spec.is_flux_instantx:
+            raise ValueError(f"{ipadapter.name} is an InstantX FLUX.1 adapter: style and composition pick UNet "
+                             "blocks (SD1.5/SDXL); use Apply IP-Adapter with it")
         if ipadapter.spec.is_flux:
             raise ValueError(f"{ipadapter.name} is an XLabs FLUX.1 adapter: style and composition pick UNet blocks "
                              "(SD1.5/SDXL); use Apply IP-Adapter with it")
@@ -247,7 +269,7 @@ class ApplyIPAdapterFaceID:
               weight_type, start_at, end_at, combine_embeds, attn_mask=None, layer_weights=None):
         if not ipadapter.spec.is_faceid:
             raise ValueError(f"{ipadapter.name} is not a FaceID adapter: use Apply IP-Adapter for it")
-        weights = None if layer_weights is None else layer_weights.for_layers(ipadapter.spec.layers)
+        weight, weights, swaps = resolve_layer_weights(layer_weights, ipadapter.spec.layers, weight)
         options = FaceIDOptions(faceid_plus_version == "v2", face_structure, lora_strength)
         return (apply_adapter(model, ipadapter, image_embeds, weight, weight_type, start_at, end_at, combine_embeds,
-                              attn_mask, weights, faceid=options),)
+                              attn_mask, weights, faceid=options, swap_to_uncond=swaps),)

@@ -579,6 +579,11 @@ def cross_attention_at(model: comfy.model_patcher.ModelPatcher, key: BlockKey) -
 
 def check_fits(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter) -> None:
     """Refuse, before anything is patched, an adapter whose layers the model does not have."""
+    if adapter.spec.is_flux_instantx:
+        from .comfy_seam_flux_instantx import check_fits_flux_instantx  # imports this module
+
+        check_fits_flux_instantx(model, adapter)
+        return
     if adapter.spec.is_sd3 or is_sd3_model(model):
         check_fits_sd3(model, adapter)
         return
@@ -625,6 +630,11 @@ def patch_model(model: comfy.model_patcher.ModelPatcher, adapter: LoadedAdapter,
         known = patched.get_additional_models_with_key(ADDITIONAL_MODELS_KEY)
         patched.set_additional_models(ADDITIONAL_MODELS_KEY, known + [adapter.patcher])
     gate = ScheduleGate(window, patched.model)
+    if adapter.spec.is_flux_instantx:
+        from .comfy_seam_flux_instantx import patch_flux_instantx  # imports this module
+
+        patch_flux_instantx(patched, adapter, application, gate)
+        return patched
     if adapter.spec.is_flux:
         _patch_flux_double_blocks(patched, adapter, application, gate)
         return patched

@@ -63,6 +63,9 @@ def encode_embeds(clip_vision, image: torch.Tensor, spec: AdapterSpec, crop: str
         if uncond.shape[0] not in (1, cond.shape[0]):
             raise ValueError(
                 f"{uncond.shape[0]} negative images for {cond.shape[0]} references; give 1 or {cond.shape[0]}")
+    elif spec.is_sd3 and negative != "black image":
+        # InstantX SD3.5 (diffusers' SD3 pipeline): the negative is all-zero SigLIP states, not an encoding.
+        uncond = torch.zeros_like(cond[:1])
     else:
         uncond = unconditional(clip_vision, spec, negative)
     return ImageEmbeds(cond, uncond, spec.encoder_output)
