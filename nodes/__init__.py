@@ -11,6 +11,7 @@ from . import comfy_seam
 from .apply import ApplyIPAdapter, ApplyIPAdapterFaceID, IPAdapterAllInOne, IPAdapterStyleComposition
 from .embeds import IPAdapterCombineEmbeds, IPAdapterLoadEmbeds, IPAdapterSaveEmbeds
 from .encode import EncodeIPAdapterFace, EncodeIPAdapterImage, IPAdapterNoiseImage
+from .encode_siglip import EncodeIPAdapterSigLIPPooled
 from .layer_weights import IPAdapterLayerWeights
 from .load import LoadInsightFace, LoadIPAdapter, LoadIPAdapterAuto, LoadIPAdapterFaceIDAuto
 
@@ -24,6 +25,7 @@ NODES = {
     "IPAdapterExactAutoLoader": (LoadIPAdapterAuto, "Load IP-Adapter (auto)"),
     "IPAdapterExactFaceIDAutoLoader": (LoadIPAdapterFaceIDAuto, "Load IP-Adapter FaceID (auto)"),
     "IPAdapterExactEncode": (EncodeIPAdapterImage, "IP-Adapter Encode Image"),
+    "IPAdapterExactEncodeSigLIPPooled": (EncodeIPAdapterSigLIPPooled, "IP-Adapter Encode Image (SigLIP pooled)"),
     "IPAdapterExactApply": (ApplyIPAdapter, "Apply IP-Adapter"),
     "IPAdapterExactSimple": (IPAdapterAllInOne, "IP-Adapter (all in one)"),
     "IPAdapterExactLayerWeights": (IPAdapterLayerWeights, "IP-Adapter Layer Weights"),
