@@ -39,9 +39,12 @@ class EncodeIPAdapterSigLIPPooled:
             "required": {
                 "siglip_name": (seam_instantx.siglip_files(), {
                     "tooltip": "SigLIP so400m-patch14-384 with its pooling head, in models/clip_vision."}),
-                "image": ("IMAGE",),
+                "image": ("IMAGE", {"tooltip": "Reference images; a batch gives several references."}),
                 # SigLIP's own image processor squashes to 384 x 384 (no crop), as InstantX's pipeline feeds it.
-                "crop": (list(CROP_CHOICES), {"default": "squash"}),
+                "crop": (list(CROP_CHOICES), {
+                    "default": "squash",
+                    "tooltip": "How a non-square image becomes square: 'squash' as SigLIP's own processor does, a "
+                               "crop position, grey padding, or 'tiles' (square tiles, all used as references)."}),
                 "negative": (list(NEGATIVE_MODES), {
                     "default": "reference (zero)",
                     "tooltip": "Unconditional input (only used with CFG > 1): a zero pooled embedding, or the "
