@@ -42,6 +42,7 @@ from ..ip_adapter_core.schedule import ScheduleWindow
 from ..ip_adapter_core.sd3 import SD3Application
 from ..models.discovery import FileIndex
 from ..models.files import load_adapter
+from ..models.flux_instantx import FluxInstantXAdapterModel
 from ..models.ip_adapter import IPAdapterModel
 from ..models.sd3_adapter import SD3IPAdapterModel
 
@@ -337,7 +338,7 @@ class AdapterCache:
         Counts every IPAdapterModel, not just the cached ones, so a copy kept alive somewhere
         else (a stale patch, a deep copy) shows up. One per file in use is the healthy figure.
         """
-        kinds = (IPAdapterModel, SD3IPAdapterModel)
+        kinds = (IPAdapterModel, SD3IPAdapterModel, FluxInstantXAdapterModel)
         return sum(1 for obj in gc.get_objects() if type(obj) in kinds)  # no __class__ proxies
 
     def stats(self) -> dict:
