@@ -164,3 +164,19 @@ def vit_h(comfy_inprocess, models):
     import comfy.clip_vision
 
     return comfy.clip_vision.load(str(models["clip_vision/vit_h.safetensors"]))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_models_after_each_module():
+    """After each test module: ComfyUI unloads what it loaded and the garbage collector runs, so the big
+    stand-ins of one module (Flux, SD3, SDXL) are gone before the next one loads its own. One process runs
+    the whole suite; without this its resident memory kept growing (13.6 GB when the OOM killer ended a run
+    that shared this 24 GB machine with other work)."""
+    yield
+    import gc
+
+    management = sys.modules.get("comfy.model_management")
+    if management is not None:
+        management.unload_all_models()
+        management.soft_empty_cache()
+    gc.collect()
