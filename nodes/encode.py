@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..ip_adapter_core.embeds import ImageEmbeds
+from ..ip_adapter_core.image_ops import NOISE_TYPES, noise_image
 from ..ip_adapter_core.images import CROP_MODES, check_image, square, tiles
 from ..ip_adapter_core.layout import AdapterSpec, encoder_name
 from . import comfy_seam as seam
@@ -172,8 +173,19 @@ class EncodeIPAdapterFace:
         return encode_faces(insightface, image, ipadapter.spec, face_index, clip_vision)
 
 
+NOISE_TYPE_TOOLTIP = (
+    "grey blend: this node's original (grey, or the image at its own size, mixed with uniform noise by strength). "
+    "IPAdapter plus's types, on black 224 px or the image centre-cropped and resized to 224 (bicubic): fade = mixed "
+    "with uniform noise by strength; dissolve = each value replaced by uniform noise with probability strength; "
+    "gaussian = plus normal noise x strength; shuffle = elastically warped (alpha 75, sigma (1-strength)*3.5), "
+    "flipped both ways, then x*(1-n)+n with n normal x 0.75 strength. Clamped to 0..1. Seeded by seed (that pack "
+    "seeds from the image's pixel sum).")
+
+
 class IPAdapterNoiseImage:
-    DESCRIPTION = "A noise image to use as the negative image of IP-Adapter Encode Image (less 'default' look)."
+    DESCRIPTION = ("A noise image to use as the negative image of IP-Adapter Encode Image (less 'default' look): "
+                   "this node's grey blend, or IPAdapter plus's fade, dissolve, gaussian and shuffle, optionally "
+                   "blurred; deterministic for a seed.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
@@ -188,11 +200,15 @@ class IPAdapterNoiseImage:
                                        "tooltip": "0 gives the reference itself (or grey), 1 pure noise."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": True,
                                   "tooltip": "Noise seed."}),
+                # After the original widgets, so workflows saved before keep their values (and get grey blend).
+                "type": (list(NOISE_TYPES), {"default": "grey blend", "tooltip": NOISE_TYPE_TOOLTIP}),
+                "blur": ("INT", {"default": 0, "min": 0, "max": 32, "step": 1,
+                                 "tooltip": "Gaussian blur of the result, kernel size in pixels (an even size is made "
+                                            "odd; sigma 0.15 x size + 0.35, reflected borders); 0 = none."}),
             },
             "optional": {"image": ("IMAGE", {"tooltip": "Blend the noise into this image instead of grey."})},
         }
 
-    def make(self, strength: float, seed: int, image=None):
-        base = torch.full((1, 224, 224, 3), 0.5) if image is None else image.float()
-        noise = torch.rand(base.shape, generator=torch.Generator().manual_seed(seed))
-        return ((base * (1 - strength) + noise * strength).clamp(0, 1),)
+    def make(self, strength: float, seed: int, image=None, type: str = "grey blend", blur: int = 0):  # noqa: A002
+        # `type` is the widget's name in IPAdapter plus's node, kept so its users find it.
+        return (noise_image(type, strength, seed, None if image is None else check_image(image), blur),)
