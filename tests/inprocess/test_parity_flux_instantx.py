@@ -329,3 +329,106 @@ def test_encode_node_siglip_pooled(comfy_inprocess, tmp_path):
     assert torch.equal(embeds.uncond, torch.zeros(1, 1152))
     with pytest.raises(ValueError, match=r"sigclip-nohead\.safetensors has no SigLIP attention-pooling head"):
         EncodeIPAdapterSigLIPPooled().encode("sigclip-nohead.safetensors", image, "squash", "reference (zero)")
+
+
+# --- composition -----------------------------------------------------------------------------
+
+
+class ForeignBlock:
+    """Another pack's block replacement that runs the original block (as most do), counting its calls."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, args: dict, extra: dict) -> dict:
+        self.calls += 1
+        return extra["original_block"](args)
+
+    def __deepcopy__(self, memo: dict) -> ForeignBlock:
+        return self  # model clones share it, so its counter sees every call
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_two_applications_stack(pair, adapter, base_case):
+    """The same adapter applied twice (0.5, then 0.3) = the reference at 0.8: the terms add inside each block,
+    which runs once (our stacked double-block patches share one block computation)."""
+    apply_adapter, _, image_embeds = pack_api()
+    step, cond, uncond, _, expected, _, _, inputs = base_case
+    embeds = image_embeds(cond, uncond, "pooled")
+    once = apply_adapter(pair.comfy, adapter[1], embeds, 0.5)
+    twice = apply_adapter(once, adapter[1], embeds, 0.3)
+    diff, _ = fp.flux_parity(twice, step, expected, inputs)
+    record("sampler FLUX.1 fp32 InstantX 0.5 + 0.3 stacked = 0.8", diff)
+    assert diff <= TOLERANCE, f"two applications 0.5 + 0.3 vs the reference at 0.8: {diff:.2e}"
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_composes_with_another_packs_block_replacements(pair, adapter, base_case):
+    """Replacements already on every double and single block keep running (once per block and call), and the
+    terms are still exact."""
+    apply_adapter, _, image_embeds = pack_api()
+    step, cond, uncond, _, expected, _, _, inputs = base_case
+    foreign = ForeignBlock()
+    model = pair.comfy.clone()
+    for kind, count in (("double_block", 2), ("single_block", 1)):
+        for i in range(count):
+            model.set_model_patch_replace(foreign, "dit", kind, i)
+    patched = apply_adapter(model, adapter[1], image_embeds(cond, uncond, "pooled"), 0.8)
+    diff, _ = fp.flux_parity(patched, step, expected, inputs)
+    record("sampler FLUX.1 fp32 InstantX over another pack's block replacements", diff)
+    assert foreign.calls == 3, f"the other pack's replacements ran {foreign.calls} times for 3 blocks in one call"
+    assert diff <= TOLERANCE, f"over another pack's block replacements: {diff:.2e}"
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_stacks_with_xlabs_in_either_order(pair, adapter, base_case, tmp_path):
+    """XLabs v1 and InstantX on one model: the XLabs term goes after the double block and InstantX's inside it,
+    so the order of the two Apply nodes must not matter; and each changes what the other alone gives."""
+    from tests.fixtures.flux_models import xlabs_state_dict
+
+    apply_adapter, cache, image_embeds = pack_api()
+    step, cond, uncond, result, _, _, _, inputs = base_case
+    path = tmp_path / "flux-ip-adapter-v1.safetensors"
+    save_file(xlabs_state_dict(4, depth=2, seed=87), str(path))
+    xlabs = cache.get(str(path))
+    clip = image_embeds(torch.randn(1, 768, generator=torch.Generator().manual_seed(88)), torch.zeros(1, 768),
+                        "image_embeds")
+    siglip = image_embeds(cond, uncond, "pooled")
+    instantx_first = apply_adapter(apply_adapter(pair.comfy, adapter[1], siglip, 0.8), xlabs, clip, 0.7)
+    xlabs_first = apply_adapter(apply_adapter(pair.comfy, xlabs, clip, 0.7), adapter[1], siglip, 0.8)
+    a = fp.comfy_flux_step(instantx_first, step)
+    b = fp.comfy_flux_step(xlabs_first, step)
+    xlabs_alone = fp.comfy_flux_step(apply_adapter(pair.comfy, xlabs, clip, 0.7), step)
+    order = relative_difference(a.eps, b.eps)
+    from_instantx = relative_difference(a.eps, result.eps)
+    from_xlabs = relative_difference(a.eps, xlabs_alone.eps)
+    record("sampler FLUX.1 fp32 InstantX + XLabs, order swapped", order)
+    assert order <= TOLERANCE, f"InstantX then XLabs vs XLabs then InstantX: {order:.2e}"
+    assert from_instantx > 0.01 and from_xlabs > 0.01, (
+        f"stacked vs InstantX alone {from_instantx:.2e}, vs XLabs alone {from_xlabs:.2e}: one of them did not act")
+
+
+@pytest.mark.slow
+@torch.inference_mode()
+def test_bf16_weights_manual_cast(pair, adapter, base_case):
+    """ComfyUI's CPU default for bf16 weights: stored bf16, computed in fp32 ("manual cast"): the blocks' modules
+    cast their weights per call, so the query (qkv / linear1) and the single block's linear2 share go through the
+    modules themselves. The stand-in file and the adapter are bf16 already: the reference holds the same values."""
+    import comfy.sd
+
+    apply_adapter, _, image_embeds = pack_api()
+    step, cond, uncond, _, expected, _, _, inputs = base_case
+    model = comfy.sd.load_diffusion_model(str(ensure_flux_transformer()), model_options={"dtype": torch.bfloat16})
+    try:
+        assert model.model.manual_cast_dtype == torch.float32, "expected ComfyUI's CPU manual cast for bf16 weights"
+        assert model.model.diffusion_model.single_blocks[0].linear2.comfy_cast_weights
+        patched = apply_adapter(model, adapter[1], image_embeds(cond, uncond, "pooled"), 0.8)
+        diff, _ = fp.flux_parity(patched, step, expected, inputs)
+    finally:
+        del model
+        gc.collect()
+    record("sampler FLUX.1 bf16 weights manual cast InstantX w0.8", diff)
+    assert diff <= TOLERANCE, f"bf16 weights computed in fp32: {diff:.2e}"
