@@ -167,7 +167,9 @@ def contrast_adaptive_sharpening(image: torch.Tensor, amount: float) -> torch.Te
     cross, diagonal = torch.stack([b, d, e, f, hh]), torch.stack([a, c, g, i])
     mn = cross.amin(0) + diagonal.amin(0)
     mx = cross.amax(0) + diagonal.amax(0)
-    amp = torch.where(mx > 0, torch.minimum(mn, 2 - mx) / mx.clamp_min(1e-300), torch.zeros_like(mx)).sqrt()
+    # clamp = AMD's saturate: a no-op for pictures in [0, 1], where min(mn, 2 - mx) <= mn <= mx
+    ratio = torch.where(mx > 0, torch.minimum(mn, 2 - mx) / mx.clamp_min(1e-300), torch.zeros_like(mx))
+    amp = ratio.clamp(0.0, 1.0).sqrt()
     weight = -amp * (amount * (1 / 5 - 1 / 8) + 1 / 8)
     sharpened = ((b + d + f + hh) * weight + e) / (1 + 4 * weight)
     out = x.clone()
@@ -178,8 +180,9 @@ def contrast_adaptive_sharpening(image: torch.Tensor, amount: float) -> torch.Te
 def prep_for_clip_vision(image: torch.Tensor, interpolation: str = "LANCZOS", position: str = "center",
                          sharpening: float = 0.0, size: int = CLIP_SIZE) -> torch.Tensor:
     """PrepImageForClipVision: crop (or pad) at `position`, resize to size x size with the PIL
-    filter, then sharpen with CAS when sharpening > 0."""
-    out = resize(crop_or_pad(image, position), size, size, interpolation)
+    filter, clamp to [0, 1] (PIL clips its 8-bit result: LANCZOS/BICUBIC overshoot at edges), then
+    sharpen with CAS when sharpening > 0."""
+    out = resize(crop_or_pad(image, position), size, size, interpolation).clamp(0.0, 1.0)
     return contrast_adaptive_sharpening(out, sharpening) if sharpening > 0 else out
 
 

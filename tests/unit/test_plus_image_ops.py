@@ -126,7 +126,13 @@ def test_cas_by_hand():
 def test_prep_image_chains_crop_resize_sharpen():
     image = torch.rand(1, 30, 40, 3, generator=torch.Generator().manual_seed(4))
     got = ops.prep_for_clip_vision(image, "BILINEAR", "right", 0.0, size=8)
-    torch.testing.assert_close(got, ops.resize(image[:, :, 10:], 8, 8, "BILINEAR"))
+    torch.testing.assert_close(got, ops.resize(image[:, :, 10:], 8, 8, "BILINEAR").clamp(0, 1))
+    # LANCZOS overshoots at a hard edge when enlarging; the prepared picture is clipped to [0, 1] as PIL's 8 bits
+    edge = torch.zeros(1, 4, 4, 3)
+    edge[:, :, 2:] = 1.0
+    assert ops.resize(edge, 16, 16, "LANCZOS").max() > 1.0
+    clipped = ops.prep_for_clip_vision(edge, "LANCZOS", "center", 0.5, size=16)
+    assert clipped.min() == 0.0 and clipped.max() == 1.0 and not clipped.isnan().any()
     sharpened = ops.prep_for_clip_vision(image, "BILINEAR", "right", 0.6, size=8)
     torch.testing.assert_close(sharpened, ops.contrast_adaptive_sharpening(got, 0.6))
     assert not torch.equal(sharpened, got)
