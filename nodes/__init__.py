@@ -14,6 +14,8 @@ from .encode import EncodeIPAdapterFace, EncodeIPAdapterImage, IPAdapterNoiseIma
 from .encode_siglip import EncodeIPAdapterSigLIPPooled
 from .layer_weights import IPAdapterLayerWeights
 from .load import LoadInsightFace, LoadIPAdapter, LoadIPAdapterAuto, LoadIPAdapterFaceIDAuto
+from .prep_image import IPAdapterPrepImage
+from .weight_types import IPAdapterWeightType
 
 comfy_seam.check_comfyui()
 comfy_seam.register_folders()
@@ -29,9 +31,11 @@ NODES = {
     "IPAdapterExactApply": (ApplyIPAdapter, "Apply IP-Adapter"),
     "IPAdapterExactSimple": (IPAdapterAllInOne, "IP-Adapter (all in one)"),
     "IPAdapterExactLayerWeights": (IPAdapterLayerWeights, "IP-Adapter Layer Weights"),
+    "IPAdapterExactWeightType": (IPAdapterWeightType, "IP-Adapter Weight Type"),
     "IPAdapterExactStyleComposition": (IPAdapterStyleComposition, "IP-Adapter Style & Composition"),
     "IPAdapterExactCombineEmbeds": (IPAdapterCombineEmbeds, "IP-Adapter Combine Embeds"),
     "IPAdapterExactNoise": (IPAdapterNoiseImage, "IP-Adapter Noise Image"),
+    "IPAdapterExactPrepImage": (IPAdapterPrepImage, "IP-Adapter Prep Image"),
     "IPAdapterExactSaveEmbeds": (IPAdapterSaveEmbeds, "Save IP-Adapter Embeds"),
     "IPAdapterExactLoadEmbeds": (IPAdapterLoadEmbeds, "Load IP-Adapter Embeds"),
     "IPAdapterExactLoadInsightFace": (LoadInsightFace, "Load InsightFace"),
