@@ -200,13 +200,18 @@ class IPAdapterNoiseImage:
                                        "tooltip": "0 gives the reference itself (or grey), 1 pure noise."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 2**31 - 1, "control_after_generate": True,
                                   "tooltip": "Noise seed."}),
-                # After the original widgets, so workflows saved before keep their values (and get grey blend).
+            },
+            # Optional and after the original widgets: saved workflows keep their values and API prompts
+            # without them stay valid (both get grey blend, unblurred: the node's original output).
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The picture to put the noise on: grey blend takes it at its own size "
+                                               "instead of grey; the other types centre-crop and resize it to 224 "
+                                               "instead of black."}),
                 "type": (list(NOISE_TYPES), {"default": "grey blend", "tooltip": NOISE_TYPE_TOOLTIP}),
                 "blur": ("INT", {"default": 0, "min": 0, "max": 32, "step": 1,
                                  "tooltip": "Gaussian blur of the result, kernel size in pixels (an even size is made "
                                             "odd; sigma 0.15 x size + 0.35, reflected borders); 0 = none."}),
             },
-            "optional": {"image": ("IMAGE", {"tooltip": "Blend the noise into this image instead of grey."})},
         }
 
     def make(self, strength: float, seed: int, image=None, type: str = "grey blend", blur: int = 0):  # noqa: A002
