@@ -10,8 +10,10 @@ IP-Adapter are fed those same inputs and compared bit for bit:
   conditional rows are the plain layer's (zero image tokens add exactly nothing) and the
   unconditional rows are what the conditional rows would get from the reference; every other
   layer is bit-identical to the same weights without the swap;
+* on SDXL, style transfer precise swaps all ten depth sub-blocks of transformer index 3 (input 8);
 * IP-Adapter Noise Image's new types are negatives: their seed changes exactly the unconditional
-  half of every layer.
+  half of every layer; IP-Adapter Prep Image's crop position and sharpening change exactly the
+  conditional half.
 
 Expected layer sets are written out from LEADING_PACK.md 2.1 (SD1.5 transformer indices).
 """
@@ -199,3 +201,43 @@ def test_prep_image_crop_position_and_sharpening_act_on_the_reference_only(pack,
             changed = changed_positions(x[key], y[key], inputs)
             assert changed[CHUNKS.index(COND)].all(), f"{what}, {key}: the reference must change"
             assert not changed[CHUNKS.index(UNCOND)].any(), f"{what}, {key}: the negative half moved"
+
+
+# --- SDXL: one transformer index covers all its depth sub-blocks ----------------------------------
+
+SDXL_LAYERS = ([("input", b, i) for b, n in ((4, 2), (5, 2), (7, 10), (8, 10)) for i in range(n)]
+               + [("output", b, i) for b, n in ((0, 10), (1, 10), (2, 10), (3, 2), (4, 2), (5, 2)) for i in range(n)]
+               + [("middle", 0, i) for i in range(10)])
+SDXL_INDEX_3 = {("input", 8, i) for i in range(10)}  # LEADING_PACK.md 2.1: the composition transformer
+SDXL_INDEX_6 = {("output", 1, i) for i in range(10)}  # the style transformer
+
+
+@pytest.fixture(scope="module")
+def sdxl_setup(comfy_inprocess, models, pack):
+    import comfy.sd
+
+    path = models["checkpoints/sdxl_tiny.safetensors"]
+    model = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)[0]
+    models.ensure("ipadapter/sdxl_tiny_vith.safetensors")
+    (adapter, _info) = pack.NODE_CLASS_MAPPINGS["IPAdapterExactLoader"]().load("sdxl_tiny_vith.safetensors")
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(2, 4, 16, 16, generator=gen)
+    context = torch.randn(2, 77, 2048, generator=gen)
+    y = torch.randn(2, 2816, generator=gen)
+    return model, adapter, record_inputs(model, SDXL_LAYERS, x, context, CHUNKS, y=y)
+
+
+@torch.inference_mode()
+def test_sdxl_style_transfer_precise_swaps_every_sub_block_of_index_3(pack, sdxl_setup):
+    """SDXL style transfer precise (w 0.9, style_boost 1.0) against style and composition (the same
+    weights): the two differ on exactly the ten sub-blocks of input 8, whose conditional rows are the
+    plain layer's; both act on exactly input 8 and output 1 (indices 3 and 6)."""
+    model, adapter, recorded = sdxl_setup
+    plain = {key: inputs.plain for key, inputs in recorded.items()}
+    precise = outputs(pack, model, adapter, recorded, weight_type(pack, "style transfer precise", 1.0), 0.9)
+    reference = outputs(pack, model, adapter, recorded, weight_type(pack, "style and composition"), 0.9)
+    assert changed_layers(reference, plain) == SDXL_INDEX_3 | SDXL_INDEX_6
+    assert changed_layers(precise, reference) == SDXL_INDEX_3
+    for key in SDXL_INDEX_3:
+        assert torch.equal(precise[key][:1], plain[key][:1]), f"{key}: the conditional rows must be plain"
+        assert not torch.equal(precise[key][1:], plain[key][1:]), f"{key}: the negative must get the reference"
