@@ -18,6 +18,9 @@ from dataclasses import dataclass
 import torch
 
 COMBINE_MODES = ("concat", "add", "subtract", "average", "norm average")
+# The Combine Embeds node also offers IPAdapter plus's element-wise max / min across references
+# (that pack has them on its combine node only, not on its apply nodes).
+COMBINE_NODE_MODES = (*COMBINE_MODES, "max", "min")
 
 
 @dataclass(frozen=True)
@@ -59,7 +62,8 @@ def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
     """Fold N references [N, ...] into one [1, ...] (all modes but concat, handled on tokens).
 
     subtract: the first minus the others; norm average: weighted by each embedding's norm
-    (all-zero embeddings have no norm to weigh by: their plain average, zero, is returned).
+    (all-zero embeddings have no norm to weigh by: their plain average, zero, is returned);
+    max / min: element-wise over the references.
     """
     if mode == "add":
         return embeds.sum(dim=0, keepdim=True)
@@ -67,6 +71,10 @@ def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
         return embeds[:1] - embeds[1:].sum(dim=0, keepdim=True)
     if mode == "average":
         return embeds.mean(dim=0, keepdim=True)
+    if mode == "max":
+        return embeds.amax(dim=0, keepdim=True)
+    if mode == "min":
+        return embeds.amin(dim=0, keepdim=True)
     if mode == "norm average":
         norms = embeds.flatten(1).norm(dim=1)
         total = norms.sum()
@@ -74,7 +82,7 @@ def combine(embeds: torch.Tensor, mode: str) -> torch.Tensor:
             return embeds.mean(dim=0, keepdim=True)
         weights = (norms / total).view(-1, *([1] * (embeds.ndim - 1)))
         return (embeds * weights).sum(dim=0, keepdim=True)
-    raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_MODES)}")
+    raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_NODE_MODES)}")
 
 
 def _fold(cond: torch.Tensor, uncond: torch.Tensor, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,8 +91,8 @@ def _fold(cond: torch.Tensor, uncond: torch.Tensor, mode: str) -> tuple[torch.Te
 
 def combine_embeds(embeds: ImageEmbeds, mode: str) -> ImageEmbeds:
     """Several references folded into one with `mode`, the negative by the module's rule."""
-    if mode not in COMBINE_MODES:
-        raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_MODES)}")
+    if mode not in COMBINE_NODE_MODES:
+        raise ValueError(f"unknown combine mode {mode!r}; expected one of {', '.join(COMBINE_NODE_MODES)}")
     if mode == "concat" or embeds.count == 1:
         return embeds
     cond, uncond = _fold(embeds.cond, embeds.uncond, mode)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from ..ip_adapter_core.embeds import COMBINE_MODES, ImageEmbeds, combine_embeds, merge
+from ..ip_adapter_core.embeds import COMBINE_NODE_MODES, ImageEmbeds, combine_embeds, merge
 from ..models.files import load_embeds, save_embeds
 from . import comfy_seam as seam
 from .widgets import CATEGORY, EMBEDS
@@ -12,7 +12,7 @@ from .widgets import CATEGORY, EMBEDS
 
 class IPAdapterCombineEmbeds:
     DESCRIPTION = ("Merges encodings: concat keeps every reference (Apply attends to all their tokens); add, "
-                   "subtract (first minus the rest), average and norm average fold them into one.")
+                   "subtract (first minus the rest), average, norm average, max and min fold them into one.")
     CATEGORY = CATEGORY
     RETURN_TYPES = ("IP_ADAPTER_EMBEDS",)
     RETURN_NAMES = ("image_embeds",)
@@ -22,11 +22,12 @@ class IPAdapterCombineEmbeds:
     @classmethod
     def INPUT_TYPES(cls):
         return {
-            "required": {"embeds_1": EMBEDS, "method": (list(COMBINE_MODES), {
+            "required": {"embeds_1": EMBEDS, "method": (list(COMBINE_NODE_MODES), {
                 "default": "concat",
                 "tooltip": "concat keeps every reference's tokens; add, subtract (first minus the rest), "
-                           "average and norm average merge them into one. A negative shared by all references "
-                           "stays as it is; separate negatives are merged the same way."})},
+                           "average, norm average, and max / min (element-wise, as IPAdapter plus's Combine "
+                           "Embeds) merge them into one. A negative shared by all references stays as it is; "
+                           "separate negatives are merged the same way."})},
             "optional": {"embeds_2": EMBEDS, "embeds_3": EMBEDS, "embeds_4": EMBEDS},
         }
 

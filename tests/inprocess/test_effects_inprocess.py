@@ -233,7 +233,7 @@ def test_one_image_per_latent_leaves_the_other_latent_bit_identical_through_samp
 
 
 @torch.inference_mode()
-@pytest.mark.parametrize("method", ["average", "concat", "add", "subtract", "norm average"])
+@pytest.mark.parametrize("method", ["average", "concat", "add", "subtract", "norm average", "max", "min"])
 def test_every_reference_of_several_matters(pack, sd15, sd15_adapter, wide, method):
     """several_images.json: two encodings through Combine Embeds into one Apply. Changing either
     reference changes every conditional position of every layer; the negative half stays as it is."""

@@ -219,3 +219,24 @@ def test_swap_flags_must_match_the_layer_weights():
     with pytest.raises(ValueError, match="2 swap flags for 3 layer weights"):
         attention.IPApplication(_Adapter(3), torch.zeros(1, 4, 6), torch.zeros(1, 4, 6), 1.0, "V only",
                                 (1.0, 1.0, 1.0), swap_to_uncond=(True, False))
+
+
+# --- Combine Embeds: max / min ----------------------------------------------------------------
+
+
+def test_combine_max_min_by_hand():
+    from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds, combine_embeds
+
+    cond = torch.tensor([[1.0, 5.0, -2.0], [3.0, 0.0, -1.0], [2.0, 4.0, -3.0]])
+    shared = ImageEmbeds(cond, torch.zeros(1, 3), "image_embeds")
+    assert combine_embeds(shared, "max").cond.tolist() == [[3.0, 5.0, -1.0]]
+    assert combine_embeds(shared, "min").cond.tolist() == [[1.0, 0.0, -3.0]]
+    assert torch.equal(combine_embeds(shared, "max").uncond, torch.zeros(1, 3))  # a shared negative stays
+    own = ImageEmbeds(cond, torch.tensor([[0.0, 1.0, 2.0], [1.0, -1.0, 0.0], [0.5, 0.5, 3.0]]), "image_embeds")
+    assert combine_embeds(own, "max").uncond.tolist() == [[1.0, 1.0, 3.0]]
+    assert combine_embeds(own, "min").uncond.tolist() == [[0.0, -1.0, 0.0]]
+    hidden = torch.tensor([[[1.0, -1.0], [0.0, 2.0]], [[-1.0, 3.0], [4.0, 0.0]]])  # [N, tokens, width]
+    states = ImageEmbeds(hidden, torch.zeros(1, 2, 2), "penultimate")
+    assert combine_embeds(states, "max").cond.tolist() == [[[1.0, 3.0], [4.0, 2.0]]]
+    with pytest.raises(ValueError, match="expected one of concat, add, subtract, average, norm average, max, min"):
+        combine_embeds(shared, "median")
