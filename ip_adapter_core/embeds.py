@@ -53,6 +53,15 @@ class ImageEmbeds:
 
 
 
+def scale_references(embeds: ImageEmbeds, weight: float) -> ImageEmbeds:
+    """The references' encodings times `weight`, the negative untouched (IPAdapter plus's Encoder
+    weight: it scales the CLIP output before the adapter's projection, so for plus/resampler
+    adapters it is not the same as the Apply weight). 1.0 returns the embeds as they are."""
+    if weight == 1.0:
+        return embeds
+    return ImageEmbeds(embeds.cond * weight, embeds.uncond, embeds.output, embeds.crop_cond, embeds.crop_uncond)
+
+
 def _repeat_rows(t: torch.Tensor, count: int) -> torch.Tensor:
     """[1 or count, ...] -> [count, ...]: a shared negative repeated for every reference."""
     return t.expand(count, *t.shape[1:])

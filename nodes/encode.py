@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ip_adapter_core.embeds import ImageEmbeds
+from ..ip_adapter_core.embeds import ImageEmbeds, scale_references
 from ..ip_adapter_core.image_ops import NOISE_TYPES, noise_image
 from ..ip_adapter_core.images import CROP_MODES, check_image, square, tiles
 from ..ip_adapter_core.layout import AdapterSpec, encoder_name
@@ -94,12 +94,18 @@ class EncodeIPAdapterImage:
             "optional": {
                 "negative_image": ("IMAGE", {
                     "tooltip": "An explicit negative image (e.g. noise); overrides 'negative'."}),
+                "weight": ("FLOAT", {
+                    "default": 1.0, "min": -1.0, "max": 3.0, "step": 0.01,
+                    "tooltip": "Multiplies the references' CLIP encodings (not the negative) before the adapter's "
+                               "projection, as IPAdapter plus's Encoder weight; 1.0 = unchanged. For plus adapters "
+                               "(resampler) this differs from Apply's weight, which scales the attention output."}),
             },
         }
 
     def encode(self, ipadapter: seam.LoadedAdapter, clip_vision, image, crop: str, negative: str,
-               negative_image=None) -> tuple[ImageEmbeds]:
-        return (encode_embeds(clip_vision, image, ipadapter.spec, crop, negative, negative_image),)
+               negative_image=None, weight: float = 1.0) -> tuple[ImageEmbeds]:
+        embeds = encode_embeds(clip_vision, image, ipadapter.spec, crop, negative, negative_image)
+        return (scale_references(embeds, weight),)
 
 
 def encode_faces(face_models, image: torch.Tensor, spec: AdapterSpec, face_index: int,

@@ -241,3 +241,21 @@ def test_sdxl_style_transfer_precise_swaps_every_sub_block_of_index_3(pack, sdxl
     for key in SDXL_INDEX_3:
         assert torch.equal(precise[key][:1], plain[key][:1]), f"{key}: the conditional rows must be plain"
         assert not torch.equal(precise[key][1:], plain[key][1:]), f"{key}: the negative must get the reference"
+
+
+@torch.inference_mode()
+def test_encoder_weight_moves_only_the_conditional_half(pack, sd15, sd15_adapter, recorded, vit_h):
+    """Encode's weight (IPAdapter plus's Encoder weight): 1.0 is bit-identical to no weight; 0.5
+    changes every conditional position of every layer and leaves the negative half bit-identical."""
+    node = pack.NODE_CLASS_MAPPINGS["IPAdapterExactEncode"]()
+    reference = picture(35)
+    (plain_embeds,) = node.encode(sd15_adapter, vit_h, reference, "center", "reference (zero)")
+    (one,) = node.encode(sd15_adapter, vit_h, reference, "center", "reference (zero)", weight=1.0)
+    (half,) = node.encode(sd15_adapter, vit_h, reference, "center", "reference (zero)", weight=0.5)
+    assert torch.equal(one.cond, plain_embeds.cond)
+    assert torch.equal(half.cond, plain_embeds.cond * 0.5) and torch.equal(half.uncond, plain_embeds.uncond)
+    base = outputs(pack, sd15, sd15_adapter, recorded, None, embeds=plain_embeds)
+    scaled = outputs(pack, sd15, sd15_adapter, recorded, None, embeds=half)
+    for key, inputs in recorded.items():
+        changed = changed_positions(scaled[key], base[key], inputs)
+        assert changed[CHUNKS.index(COND)].all() and not changed[CHUNKS.index(UNCOND)].any(), key

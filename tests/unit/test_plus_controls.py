@@ -240,3 +240,13 @@ def test_combine_max_min_by_hand():
     assert combine_embeds(states, "max").cond.tolist() == [[[1.0, 3.0], [4.0, 2.0]]]
     with pytest.raises(ValueError, match="expected one of concat, add, subtract, average, norm average, max, min"):
         combine_embeds(shared, "median")
+
+
+def test_encoder_weight_scales_the_references_only():
+    from ipadapter_pack.ip_adapter_core.embeds import ImageEmbeds, scale_references
+
+    embeds = ImageEmbeds(torch.tensor([[1.0, -2.0], [0.5, 4.0]]), torch.tensor([[3.0, 3.0]]), "image_embeds")
+    scaled = scale_references(embeds, 0.5)
+    assert scaled.cond.tolist() == [[0.5, -1.0], [0.25, 2.0]] and scaled.uncond.tolist() == [[3.0, 3.0]]
+    assert scale_references(embeds, 1.0) is embeds
+    assert scale_references(embeds, -1.0).cond.tolist() == [[-1.0, 2.0], [-0.5, -4.0]]
