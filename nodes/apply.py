@@ -135,7 +135,7 @@ class ApplyIPAdapter:
             "optional": {
                 "attn_mask": ("MASK", {"tooltip": "Where in the picture the image prompt acts (white = fully)."}),
                 "layer_weights": ("IP_ADAPTER_LAYER_WEIGHTS", {
-                    "tooltip": "Per-layer multipliers from the IP-Adapter Layer Weights node."}),
+                    "tooltip": "Per-layer weights from the IP-Adapter Layer Weights or Weight Type node."}),
                 "one_image_per_latent": ("BOOLEAN", {
                     "default": False,
                     "tooltip": "Batch mode: reference i steers latent i (for batches and animation); with more "
@@ -261,7 +261,7 @@ class ApplyIPAdapterFaceID:
             "optional": {
                 "attn_mask": ("MASK", {"tooltip": "Where in the picture the face reference acts (white = fully)."}),
                 "layer_weights": ("IP_ADAPTER_LAYER_WEIGHTS", {
-                    "tooltip": "Per-layer multipliers from the IP-Adapter Layer Weights node."}),
+                    "tooltip": "Per-layer weights from the IP-Adapter Layer Weights or Weight Type node."}),
             },
         }
 
