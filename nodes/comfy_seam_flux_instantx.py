@@ -78,6 +78,18 @@ def check_fits_flux_instantx(model: comfy.model_patcher.ModelPatcher, adapter: s
                          "adapter was made for another Flux model")
 
 
+def _check_one_modulation_per_row(args: dict) -> None:
+    """Refuse per-token modulation (ComfyUI 2025+: reference latents at timestep zero, `modulation_dims`): the
+    replacement arguments do not carry those dims, so the block could not be computed as ComfyUI computes it."""
+    vec, img = args["vec"], args["img"]
+    if isinstance(vec, torch.Tensor) and vec.shape[0] != img.shape[0]:
+        raise ValueError(
+            f"the Flux model runs {vec.shape[0]} modulation vectors for {img.shape[0]} latents (reference latents at "
+            "timestep zero, as Flux Kontext/Flux 2 edit models use): the InstantX FLUX.1 IP-Adapter cannot be "
+            "applied to such a model call; use it without index_timestep_zero reference latents"
+        )
+
+
 def _double_block_modulation(block: torch.nn.Module, vec) -> tuple:
     if getattr(block, "modulation", True):
         return block.img_mod(vec), block.txt_mod(vec)
@@ -206,6 +218,7 @@ class FluxInstantXDoubleBlockPatch(_BlockPatch):
         return self._run(args, extra, [])
 
     def _run(self, args: dict, extra: dict, outer: list[DoubleTerm]) -> dict:
+        _check_one_modulation_per_row(args)
         terms = [self.term, *outer]
         if isinstance(self.inner, FluxInstantXDoubleBlockPatch):
             return self.inner._run(args, extra, terms)
@@ -261,6 +274,7 @@ class FluxInstantXSingleBlockPatch(_BlockPatch):
     kind = "single_block"
 
     def __call__(self, args: dict, extra: dict) -> dict:
+        _check_one_modulation_per_row(args)
         options = args.get("transformer_options") or {}
         block = self._diffusion_model().single_blocks[self.block_index]
         added = None

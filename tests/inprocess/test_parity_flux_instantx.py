@@ -432,3 +432,17 @@ def test_bf16_weights_manual_cast(pair, adapter, base_case):
         gc.collect()
     record("sampler FLUX.1 bf16 weights manual cast InstantX w0.8", diff)
     assert diff <= TOLERANCE, f"bf16 weights computed in fp32: {diff:.2e}"
+
+
+def test_refuses_per_token_modulation(pair, adapter):
+    """A model call with more modulation vectors than latents (reference latents at timestep zero, whose
+    modulation_dims the block replacement never receives) is refused, not computed wrongly."""
+    apply_adapter, _, image_embeds = pack_api()
+    patched = apply_adapter(pair.comfy, adapter[1], image_embeds(pooled(1, 1), pooled(1, 2), "pooled"), 1.0)
+    table = patched.model_options["transformer_options"]["patches_replace"]["dit"]
+    args = {"img": torch.zeros(1, 4, 3072), "txt": torch.zeros(1, 2, 3072), "vec": torch.zeros(2, 3072),
+            "pe": None, "transformer_options": {}}
+    for key in (("double_block", 0), ("single_block", 0)):
+        with pytest.raises(ValueError, match=r"runs 2 modulation vectors for 1 latents \(reference latents at "
+                                             r"timestep zero"):
+            table[key](args, {"original_block": lambda a: pytest.fail("the block ran")})
