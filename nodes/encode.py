@@ -23,6 +23,11 @@ TOOLTIPS = {
 
 
 def check_encoder(clip_vision, spec: AdapterSpec) -> None:
+    if spec.is_flux_instantx:
+        # SigLIP's pooled output needs its attention-pooling head, which ComfyUI's CLIP vision model drops.
+        raise ValueError("this is the InstantX FLUX.1 IP-Adapter: it takes SigLIP so400m/384 pooled embeddings, which "
+                         "a CLIP_VISION input cannot give (ComfyUI drops SigLIP's pooling head); use IP-Adapter Encode "
+                         "Image (SigLIP pooled) with the SigLIP file")
     if spec.is_faceid:
         raise ValueError(f"this is an IP-Adapter {spec.variant}: it takes a face, not a CLIP image encoding; use "
                          "IP-Adapter Encode Face (with Load InsightFace)")

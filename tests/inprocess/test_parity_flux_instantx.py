@@ -446,3 +446,12 @@ def test_refuses_per_token_modulation(pair, adapter):
         with pytest.raises(ValueError, match=r"runs 2 modulation vectors for 1 latents \(reference latents at "
                                              r"timestep zero"):
             table[key](args, {"original_block": lambda a: pytest.fail("the block ran")})
+
+
+def test_clip_vision_encode_refuses_instantx(adapter):
+    """IP-Adapter Encode Image (a CLIP_VISION input) cannot give SigLIP's pooled output: it says which node can."""
+    from ipadapter_pack.nodes.encode import encode_embeds
+
+    with pytest.raises(ValueError, match=r"InstantX FLUX\.1 IP-Adapter: it takes SigLIP so400m/384 pooled embeddings.*"
+                                         r"use IP-Adapter Encode Image \(SigLIP pooled\)"):
+        encode_embeds(object(), torch.rand(1, 64, 64, 3), adapter[1].spec, "center", "reference (zero)")
