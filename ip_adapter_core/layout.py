@@ -76,7 +76,6 @@ SD35_LARGE_WIDTH = 2432  # 38 heads x 64; ComfyUI builds width // 64 joint block
 # width, and per attention processor `{i}.to_k_ip/to_v_ip [3072, 4096]` without bias: FLUX.1's 19 double
 # blocks first (0..18), then its 38 single blocks (19..56), diffusers' attn_processors order.
 FLUX_INSTANTX = "flux-instantx"
-FLUX_SINGLE_BLOCKS = 38  # in the published FLUX.1 dev/schnell
 SIGLIP_POOLED = "pooled"  # SigLIP's pooler_output (attention-pooling head), an ImageEmbeds output kind
 
 
@@ -657,13 +656,6 @@ def _is_flux_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]
     norm = proj.get("norm.weight")
     return ("proj.0.weight" in proj and "proj.2.weight" in proj and "proj.3.weight" not in proj
             and norm is not None and tuple(norm.shape) == (FLUX_CONTEXT_DIM,) and "0.to_k_ip.weight" in ip)
-
-
-def flux_instantx_split(processors: int, double_blocks: int) -> tuple[int, int]:
-    """(double, single) blocks an InstantX FLUX.1 adapter with `processors` covers on a model with
-    `double_blocks` double blocks: the file numbers them in one run, double blocks first, and does not
-    say where the single blocks start, so the model decides (FLUX.1: 19 + 38 = 57)."""
-    return double_blocks, processors - double_blocks
 
 
 def _detect_flux_instantx(proj: dict[str, torch.Tensor], ip: dict[str, torch.Tensor]) -> AdapterSpec:
