@@ -148,6 +148,25 @@ def test_precise_swaps_cond_and_uncond_on_exactly_its_layers(pack, sd15, sd15_ad
 # --- pictures: Noise Image's new types and Prep Image, through Encode ----------------------------
 
 
+@pytest.fixture(scope="module")
+def encoder_memo():
+    """The pack's CLIP vision calls memoised on the pixels for this module: a picture seen before
+    gets the same encoding without another ViT-H pass (seconds each on a CPU)."""
+    from ipadapter_pack.nodes import comfy_seam
+
+    original, memo = comfy_seam.clip_encode, {}
+
+    def clip_encode(clip_vision, images, output, center_crop):
+        key = (id(clip_vision), output, center_crop, tuple(images.shape), images.float().numpy().tobytes())
+        if key not in memo:
+            memo[key] = original(clip_vision, images, output, center_crop)
+        return memo[key].clone()
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(comfy_seam, "clip_encode", clip_encode)
+        yield memo
+
+
 def encode(pack, adapter, vit_h, image, negative=None):
     node = pack.NODE_CLASS_MAPPINGS["IPAdapterExactEncode"]()
     (embeds,) = node.encode(adapter, vit_h, image, "center", "reference (zero)", negative_image=negative)
@@ -160,7 +179,7 @@ def picture(seed: int, h: int = 64, w: int = 64) -> torch.Tensor:
 
 @torch.inference_mode()
 @pytest.mark.parametrize("kind", ["fade", "dissolve", "gaussian", "shuffle"])
-def test_noise_types_change_only_the_negative_half(pack, sd15, sd15_adapter, recorded, vit_h, kind):
+def test_noise_types_change_only_the_negative_half(pack, sd15, sd15_adapter, recorded, vit_h, encoder_memo, kind):
     """Noise Image (IPAdapter plus's types, on a picture, with blur) as Encode's negative_image:
     another seed changes every position of the unconditional half of every layer, and leaves the
     conditional half bit-identical."""
@@ -179,7 +198,7 @@ def test_noise_types_change_only_the_negative_half(pack, sd15, sd15_adapter, rec
 
 @torch.inference_mode()
 def test_prep_image_crop_position_and_sharpening_act_on_the_reference_only(pack, sd15, sd15_adapter, recorded,
-                                                                          vit_h):
+                                                                          vit_h, encoder_memo):
     """Two 96 x 64 (tall) pictures with the same top 64 x 64 square and different bottoms: prepared
     with crop 'top' they give bit-identical layers; with 'bottom' (or sharpening) every conditional
     position of every layer changes and the unconditional half stays bit-identical."""
@@ -244,7 +263,7 @@ def test_sdxl_style_transfer_precise_swaps_every_sub_block_of_index_3(pack, sdxl
 
 
 @torch.inference_mode()
-def test_encoder_weight_moves_only_the_conditional_half(pack, sd15, sd15_adapter, recorded, vit_h):
+def test_encoder_weight_moves_only_the_conditional_half(pack, sd15, sd15_adapter, recorded, vit_h, encoder_memo):
     """Encode's weight (IPAdapter plus's Encoder weight): 1.0 is bit-identical to no weight; 0.5
     changes every conditional position of every layer and leaves the negative half bit-identical."""
     node = pack.NODE_CLASS_MAPPINGS["IPAdapterExactEncode"]()
