@@ -5,7 +5,7 @@
 `IPApplication` holds one adapter's image tokens, weights and controls, and computes the image
 term for a layer from the layer's projected queries. It is plain torch with explicit arguments:
 how a host calls a layer (its option dicts, its cond/uncond codes) is translated by the host
-seam (`nodes/comfy_seam.py` for ComfyUI), never read here.
+seam (`nodes/comfy_seam/` for ComfyUI), never read here.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The ComfyUI face of the pack, in pipeline order:
 
-    load.py  ->  encode.py, embeds.py  ->  apply.py (+ layer_weights.py)  ->  comfy_seam.py
+    load.py  ->  encode.py, embeds.py  ->  apply.py (+ layer_weights.py)  ->  comfy_seam/
     (adapter)    (CLIP encodings)          (image tokens, controls)           (patched MODEL)
 
-`comfy_seam.py` is the only module that touches ComfyUI's internals; `widgets.py` holds the
+`comfy_seam/` is the only package that touches ComfyUI's internals; `widgets.py` holds the
 inputs shared by several nodes.
 """
 

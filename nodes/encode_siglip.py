@@ -12,7 +12,7 @@ import torch
 from ..ip_adapter_core.embeds import ImageEmbeds
 from ..ip_adapter_core.images import check_image, square, tiles
 from ..ip_adapter_core.layout import SIGLIP_POOLED, SIGLIP_WIDTH
-from . import comfy_seam_flux_instantx as seam_instantx
+from .comfy_seam import flux_instantx as seam_instantx
 from .encode import CROP_CHOICES, NEGATIVE_MODES
 from .widgets import CATEGORY
 

@@ -285,9 +285,9 @@ def test_sd3_mutants_fail(pair, adapter, two_sigmas, mutant, monkeypatch):
     elif mutant == "cond/uncond swapped":
         cond, uncond = uncond, cond
     elif mutant == "term after the block":
-        monkeypatch.setattr(seam, "sd3_joint_block", _term_after_block(seam))
+        monkeypatch.setattr(seam.sd3, "sd3_joint_block", _term_after_block(seam))
     elif mutant == "time frozen at the first step":
-        monkeypatch.setattr(seam, "sd3_timesteps", _frozen_time(seam))
+        monkeypatch.setattr(seam.sd3, "sd3_timesteps", _frozen_time(seam))
     else:
         monkeypatch.setattr(seam.SD3JointBlockPatch, "term", _norms_on_block_norms(seam))
     model = apply_adapter(pair.comfy, adapter, image_embeds(cond, uncond, "penultimate"), weight,

@@ -59,7 +59,7 @@ class GateLog:
             self.decisions.append((float(extra_options["sigmas"].max()), result))
             return result
 
-        monkeypatch.setattr(comfy_seam, "sigma_on_host", counted_read)
+        monkeypatch.setattr(comfy_seam.gating, "sigma_on_host", counted_read)  # where ScheduleGate looks it up
         monkeypatch.setattr(comfy_seam.ScheduleGate, "is_open", logged_open)
 
 
@@ -171,7 +171,7 @@ def test_foreign_patch_before_and_after(pack, sd15, adapter):
     assert not torch.allclose(both, ours)
 
     # Us first, then a pack that wraps what it finds: our image term runs once per layer per call.
-    from ipadapter_pack.nodes import comfy_seam
+    from ipadapter_pack.ip_adapter_core.attention import IPApplication
 
     patched = apply_adapter(sd15, adapter, base_embeds())
     table = patched.model_options["transformer_options"]["patches_replace"]["attn2"]
@@ -180,17 +180,17 @@ def test_foreign_patch_before_and_after(pack, sd15, adapter):
     second = patched.clone()
     second.set_model_attn2_replace(wrapper, *key)
     terms = []
-    original = comfy_seam.IPApplication.image_term
+    original = IPApplication.image_term
 
     def counted(app, *args, **kwargs):
         terms.append(args[0])
         return original(app, *args, **kwargs)
 
-    comfy_seam.IPApplication.image_term = counted
+    IPApplication.image_term = counted
     try:
         wrapped = forward(second)
     finally:
-        comfy_seam.IPApplication.image_term = original
+        IPApplication.image_term = original
     assert wrapper.calls == 1 and sorted(terms) == list(range(layers))
     assert not torch.allclose(wrapped, ours)
 

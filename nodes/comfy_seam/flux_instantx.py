@@ -1,6 +1,6 @@
-"""Seam, InstantX FLUX.1-dev IP-Adapter: ComfyUI's Flux blocks <-> ip_adapter_core/flux_instantx.py.
+"""The seam for the InstantX FLUX.1-dev IP-Adapter: ComfyUI's Flux blocks <-> ip_adapter_core/flux_instantx.py.
 
-Part of the seam (it imports ComfyUI; nothing outside the seam does). The adapter has one processor per
+Part of the seam package (it imports ComfyUI; nothing outside the seam does). The adapter has one processor per
 Flux block, the model's double blocks first, then its single blocks, and each adds its term inside the
 block's attention output:
 
@@ -28,8 +28,8 @@ import comfy.utils
 import torch
 from einops import rearrange
 
-from ..ip_adapter_core.flux_instantx import FluxInstantXApplication, block_term, pre_rope_query
-from . import comfy_seam as seam
+from ...ip_adapter_core.flux_instantx import FluxInstantXApplication, block_term, pre_rope_query
+from .. import comfy_seam as seam
 
 log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 
@@ -316,7 +316,7 @@ def siglip_files() -> list[str]:
 
 
 def _siglip_model(name: str) -> torch.nn.Module:
-    from ..models.siglip_pooled import build_siglip_pooled
+    from ...models.siglip_pooled import build_siglip_pooled
 
     path = seam.full_path(CLIP_VISION_FOLDER, name)
     stamp = seam.disk_stamp(path)
@@ -337,7 +337,7 @@ def siglip_pooled_encode(name: str, images: torch.Tensor, center_crop: bool) -> 
     import comfy.clip_vision
     import comfy.model_management
 
-    from ..models.siglip_pooled import MEAN, STD, siglip_pooled
+    from ...models.siglip_pooled import MEAN, STD, siglip_pooled
 
     model = _siglip_model(name)
     device = comfy.model_management.get_torch_device()
