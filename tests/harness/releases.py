@@ -73,7 +73,11 @@ EXTRA_PARITY_TESTS = {"0.33.0": ("tests/inprocess/test_parity_faceid.py::test_fa
                                  "tests/inprocess/test_parity_sd3.py::test_sd3_adapter_matches_diffusers",
                                  "tests/inprocess/test_parity_sd3.py::test_sd3_time_embedding_follows_the_step",
                                  "tests/inprocess/test_parity_sd3.py::test_sd3_schedule_window",
-                                 "tests/inprocess/test_parity_sd3.py::test_sd3_mutants_fail")}
+                                 "tests/inprocess/test_parity_sd3.py::test_sd3_mutants_fail",
+                                 # InstantX FLUX.1 (double and single blocks) and its mutants.
+                                 "tests/inprocess/test_parity_flux_instantx.py::test_instantx_cases",
+                                 "tests/inprocess/test_parity_flux_instantx.py::test_schedule_window",
+                                 "tests/inprocess/test_parity_flux_instantx.py::test_mutant_fails_parity")}
 EXTRA_WORKFLOWS = {"0.33.0": ("faceid_portrait_sd15",)}
 
 
