@@ -108,6 +108,7 @@ from .weights import (
     ADAPTERS,
     ADDITIONAL_MODELS_KEY,
     AdapterCache,
+    InnerPatchHooks,
     LoadedAdapter,
     _import_optional,
     _lora_patch,
@@ -118,6 +119,7 @@ from .weights import (
 )
 
 __all__ = [
+    "InnerPatchHooks",
     "NEWEST_TESTED",
     "OLDEST_SUPPORTED",
     "REQUIRED_FEATURES",

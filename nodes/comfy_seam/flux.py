@@ -14,7 +14,7 @@ from ...ip_adapter_core.attention import IPApplication
 from ...ip_adapter_core.flux import double_block_term, pre_rope_image_query
 from .gating import COMFY_COND, ScheduleGate
 from .model_info import _model_name
-from .weights import LoadedAdapter
+from .weights import InnerPatchHooks, LoadedAdapter
 
 
 def is_flux_model(model: comfy.model_patcher.ModelPatcher) -> bool:
@@ -91,7 +91,7 @@ def flux_image_query(block: torch.nn.Module, img: torch.Tensor, vec) -> torch.Te
     )
 
 
-class FluxDoubleBlockPatch:
+class FluxDoubleBlockPatch(InnerPatchHooks):
     """ComfyUI's `patches_replace["dit"][("double_block", i)]` for one adapter on one double block.
 
     Runs the block (or `inner`, the replacement that was there before: ours or another pack's,
@@ -128,23 +128,6 @@ class FluxDoubleBlockPatch:
         out = dict(out)
         out["img"] = out["img"] + term.to(out["img"].dtype)
         return out
-
-    def __deepcopy__(self, memo: dict) -> FluxDoubleBlockPatch:
-        import copy
-
-        clone = copy.copy(self)  # shares the application, gate, adapter and the model reference
-        clone.inner = copy.deepcopy(self.inner, memo)
-        return clone
-
-    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
-    def to(self, *args, **kwargs) -> FluxDoubleBlockPatch:
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(*args, **kwargs)
-        return self
-
-    def models(self) -> list:
-        inner = self.inner.models() if hasattr(self.inner, "models") else []
-        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
 
     def applications(self) -> list[IPApplication]:
         """Every adapter application stacked on this block, innermost first."""

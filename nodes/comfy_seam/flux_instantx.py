@@ -151,9 +151,9 @@ def flux_double_block(block: torch.nn.Module, args: dict, terms: Sequence[Double
     return {"img": img, "txt": txt}
 
 
-class _BlockPatch:
+class _BlockPatch(seam.InnerPatchHooks):
     """What the double and single patches share: the application, gate, adapter, model and the inner
-    replacement, and ComfyUI's hooks (deepcopy, `.to()`, `.models()`)."""
+    replacement; ComfyUI's hooks (deepcopy, `.to()`, `.models()`) come from seam.InnerPatchHooks."""
 
     kind = ""
 
@@ -182,23 +182,6 @@ class _BlockPatch:
         codes = options.get("cond_or_uncond") or [seam.COMFY_COND]
         heads = self.application.heads
         return block_term(self.application, self.processor, q, heads, [c == seam.COMFY_COND for c in codes])
-
-    def __deepcopy__(self, memo: dict) -> _BlockPatch:
-        import copy
-
-        clone = copy.copy(self)  # shares the application, gate, adapter and the model reference
-        clone.inner = copy.deepcopy(self.inner, memo)
-        return clone
-
-    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
-    def to(self, *args, **kwargs) -> _BlockPatch:
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(*args, **kwargs)
-        return self
-
-    def models(self) -> list:
-        inner = self.inner.models() if hasattr(self.inner, "models") else []
-        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
 
     def applications(self) -> list:
         """Every adapter application stacked on this block, innermost first."""

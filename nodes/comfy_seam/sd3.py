@@ -16,7 +16,7 @@ from ...ip_adapter_core.sd3 import SD3Application
 from .gating import COMFY_COND, ScheduleGate
 from .model_info import _model_name
 from .unet import _TAKES_TRANSFORMER_OPTIONS
-from .weights import LoadedAdapter
+from .weights import InnerPatchHooks, LoadedAdapter
 
 log = logging.getLogger("ComfyUI-IPAdapter-Exact")
 
@@ -137,7 +137,7 @@ def sd3_joint_block(block: torch.nn.Module, args: dict, terms: Sequence[SD3Term]
     return {"txt": context, "img": x_block.post_attention(x_attn, *x_intermediates)}
 
 
-class SD3JointBlockPatch:
+class SD3JointBlockPatch(InnerPatchHooks):
     """ComfyUI's `patches_replace["dit"][("double_block", i)]` for one adapter on one MMDiT joint block.
 
     The term has to join the picture's attention output before the block's output projection, so the
@@ -199,23 +199,6 @@ class SD3JointBlockPatch:
             log.warning("another replacement of SD3 joint block %d did not run the original block: the image prompt "
                         "of %s is not applied on that block", self.block_index, self.adapter.name)
         return out
-
-    def __deepcopy__(self, memo: dict) -> SD3JointBlockPatch:
-        import copy
-
-        clone = copy.copy(self)  # shares the application, gate, adapter and the model reference
-        clone.inner = copy.deepcopy(self.inner, memo)
-        return clone
-
-    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
-    def to(self, *args, **kwargs) -> SD3JointBlockPatch:
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(*args, **kwargs)
-        return self
-
-    def models(self) -> list:
-        inner = self.inner.models() if hasattr(self.inner, "models") else []
-        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
 
     def applications(self) -> list[SD3Application]:
         """Every adapter application stacked on this block, innermost first."""

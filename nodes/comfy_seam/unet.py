@@ -12,7 +12,7 @@ import torch
 from ...ip_adapter_core.attention import IPApplication
 from ...ip_adapter_core.layout import BlockKey
 from .gating import COMFY_COND, ScheduleGate
-from .weights import LoadedAdapter
+from .weights import InnerPatchHooks, LoadedAdapter
 
 
 def _attention_takes_transformer_options() -> bool:
@@ -34,7 +34,7 @@ def text_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, extra_opti
 _TAKES_TRANSFORMER_OPTIONS = _attention_takes_transformer_options()
 
 
-class Attn2Patch:
+class Attn2Patch(InnerPatchHooks):
     """ComfyUI's attn2 replacement for one layer: the inner attention plus one adapter's term.
 
     `inner` is what computed this layer's attention before: ComfyUI's kernel, another of our
@@ -60,22 +60,6 @@ class Attn2Patch:
             latent_hw=None if shape is None else (shape[-2], shape[-1]),
         )
         return out if term is None else out + term.to(out.dtype)
-
-    def __deepcopy__(self, memo: dict) -> Attn2Patch:
-        import copy
-
-        inner = copy.deepcopy(self.inner, memo)
-        return Attn2Patch(self.layer_index, self.application, self.gate, self.adapter, inner)
-
-    # ComfyUI moves patches with the model and loads what `models()` lists alongside it.
-    def to(self, *args, **kwargs) -> Attn2Patch:
-        if hasattr(self.inner, "to"):
-            self.inner = self.inner.to(*args, **kwargs)
-        return self
-
-    def models(self) -> list:
-        inner = self.inner.models() if hasattr(self.inner, "models") else []
-        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
 
     def applications(self) -> list[IPApplication]:
         """Every adapter application stacked on this layer, innermost first."""

@@ -166,3 +166,33 @@ def _import_optional(name: str):
         return importlib.import_module(name)
     except ImportError:
         return None
+
+
+class InnerPatchHooks:
+    """ComfyUI's hooks that every patch of the pack needs, for a patch that wraps `inner` (what was there
+    before: ComfyUI's own computation, another of our applications, or another pack's patch) and holds
+    `adapter` (a LoadedAdapter).
+
+    ComfyUI deep-copies patches with the model options, moves them with the model (`.to()`) and loads what
+    `.models()` lists alongside the model: the adapter's weights, once, plus whatever the inner patch needs.
+    """
+
+    inner: object
+    adapter: LoadedAdapter
+
+    def __deepcopy__(self, memo: dict):
+        import copy
+
+        clone = copy.copy(self)  # shares the application, gate, adapter and the model reference
+        clone.inner = copy.deepcopy(self.inner, memo)
+        return clone
+
+    def to(self, *args, **kwargs):
+        if hasattr(self.inner, "to"):
+            self.inner = self.inner.to(*args, **kwargs)
+        return self
+
+    def models(self) -> list:
+        inner = self.inner.models() if hasattr(self.inner, "models") else []
+        return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
+
