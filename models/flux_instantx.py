@@ -17,7 +17,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, split_state_dict
+from ..ip_adapter_core.layout import AdapterSpec, detect, split_state_dict
+from .state_dicts import assign_weights, checked_flat
 
 
 class PooledMLPProjection(nn.Module):
@@ -57,18 +58,8 @@ class FluxInstantXAdapterModel(nn.Module):
     def from_parts(cls, spec: AdapterSpec, parts: dict[str, dict[str, torch.Tensor]]) -> FluxInstantXAdapterModel:
         with torch.device("meta"):
             model = cls(spec, parts)
-        flat = {f"{head}.{k}": v for head, sd in parts.items() for k, v in sd.items()}
-        for name, tensor in flat.items():
-            if not tensor.is_floating_point():
-                raise AdapterFormatError(f"{name} holds {tensor.dtype} values; adapter weights are floating point "
-                                         "(fp32, fp16 or bf16): the file is damaged or not an IP-Adapter")
-            if not torch.isfinite(tensor).all():
-                raise AdapterFormatError(f"{name} holds NaN or infinite values: the file is damaged")
-        try:
-            model.load_state_dict(flat, strict=True, assign=True)
-        except RuntimeError as e:
-            raise AdapterFormatError(f"weights do not fit a {spec.describe()}: {e}") from e
-        return model.eval().requires_grad_(False)
+        flat = checked_flat(parts)
+        return assign_weights(model, flat, spec)
 
     @classmethod
     def from_state_dict(cls, state_dict: dict[str, torch.Tensor]) -> FluxInstantXAdapterModel:

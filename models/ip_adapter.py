@@ -10,11 +10,12 @@ import torch
 from torch import nn
 
 from ..ip_adapter_core.faceid_lora import lora_patches
-from ..ip_adapter_core.layout import AdapterFormatError, AdapterSpec, detect, ip_key, split_state_dict
+from ..ip_adapter_core.layout import AdapterSpec, detect, ip_key, split_state_dict
 from .faceid_proj import FaceIDPlusProjection, FaceIDPortraitResampler, FaceIDProjection
 from .flux_instantx import FluxInstantXAdapterModel
 from .image_proj import LinearProjection, MLPProjection, Resampler
 from .sd3_adapter import SD3IPAdapterModel
+from .state_dicts import assign_weights, checked_flat
 
 
 class IPKeyValue(nn.Module):
@@ -78,20 +79,10 @@ class IPAdapterModel(nn.Module):
             return FluxInstantXAdapterModel.from_parts(spec, parts)
         with torch.device("meta"):
             model = cls(spec, parts)
-        flat = {f"{head}.{k}": v for head, sd in parts.items() for k, v in sd.items()}
-        for name, tensor in flat.items():
-            if not tensor.is_floating_point():
-                raise AdapterFormatError(f"{name} holds {tensor.dtype} values; adapter weights are floating point "
-                                         "(fp32, fp16 or bf16): the file is damaged or not an IP-Adapter")
-            if not torch.isfinite(tensor).all():
-                raise AdapterFormatError(f"{name} holds NaN or infinite values: the file is damaged")
+        flat = checked_flat(parts)
         model.lora = {k.removeprefix("ip_adapter."): flat.pop(k) for k in list(flat)
                       if k.startswith("ip_adapter.") and "_lora." in k}
-        try:
-            model.load_state_dict(flat, strict=True, assign=True)
-        except RuntimeError as e:
-            raise AdapterFormatError(f"weights do not fit a {spec.describe()}: {e}") from e
-        return model.eval().requires_grad_(False)
+        return assign_weights(model, flat, spec)
 
     def key_value(self, layer_index: int) -> IPKeyValue:
         return self.ip_adapter[self._key(layer_index)]
