@@ -206,20 +206,8 @@ class FluxInstantXDoubleBlockPatch(_BlockPatch):
         if isinstance(self.inner, FluxInstantXDoubleBlockPatch):
             return self.inner._run(args, extra, terms)
         block = self._diffusion_model().double_blocks[self.block_index]
-        if self.inner is None:
-            return flux_double_block(block, args, terms)
-        ran = []
-
-        def original_block(inner_args: dict) -> dict:
-            ran.append(True)
-            return flux_double_block(block, inner_args, terms)
-
-        out = self.inner(args, {**extra, "original_block": original_block})
-        if not ran and not self._warned:
-            self._warned = True
-            log.warning("another replacement of Flux double block %d did not run the original block: the image "
-                        "prompt of %s is not applied on that block", self.block_index, self.adapter.name)
-        return out
+        return self._under_inner(args, extra, lambda block_args: flux_double_block(block, block_args, terms),
+                                 f"Flux double block {self.block_index}")
 
 
 def flux_single_block_query(block: torch.nn.Module, x: torch.Tensor, vec) -> tuple[torch.Tensor, torch.Tensor]:

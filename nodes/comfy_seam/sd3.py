@@ -185,20 +185,8 @@ class SD3JointBlockPatch(InnerPatchHooks):
         if isinstance(self.inner, SD3JointBlockPatch):
             return self.inner._run(args, extra, terms)
         block = self._model().diffusion_model.joint_blocks[self.block_index]
-        if self.inner is None:
-            return sd3_joint_block(block, args, terms)
-        ran = []
-
-        def original_block(inner_args: dict) -> dict:
-            ran.append(True)
-            return sd3_joint_block(block, inner_args, terms)
-
-        out = self.inner(args, {**extra, "original_block": original_block})
-        if not ran and not self._warned:
-            self._warned = True
-            log.warning("another replacement of SD3 joint block %d did not run the original block: the image prompt "
-                        "of %s is not applied on that block", self.block_index, self.adapter.name)
-        return out
+        return self._under_inner(args, extra, lambda block_args: sd3_joint_block(block, block_args, terms),
+                                 f"SD3 joint block {self.block_index}")
 
     def applications(self) -> list[SD3Application]:
         """Every adapter application stacked on this block, innermost first."""

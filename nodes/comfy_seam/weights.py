@@ -11,6 +11,7 @@ import os
 import sys
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -179,6 +180,7 @@ class InnerPatchHooks:
 
     inner: object
     adapter: LoadedAdapter
+    _warned = False  # the log said once that another pack's replacement skipped our terms
 
     def __deepcopy__(self, memo: dict):
         import copy
@@ -195,4 +197,24 @@ class InnerPatchHooks:
     def models(self) -> list:
         inner = self.inner.models() if hasattr(self.inner, "models") else []
         return [self.adapter.patcher] + [m for m in inner if m is not self.adapter.patcher]
+
+    def _under_inner(self, args: dict, extra: dict, compute: Callable[[dict], dict], block: str) -> dict:
+        """A DiT block replacement's output, for patches that compute `block` themselves with their terms inside
+        (`compute(args)`): run as is when nothing was there before; another pack's replacement gets that
+        computation as its `original_block`, and one that never calls it costs our terms on this block (said
+        once in the log, never silently)."""
+        if self.inner is None:
+            return compute(args)
+        ran = []
+
+        def original_block(inner_args: dict) -> dict:
+            ran.append(True)
+            return compute(inner_args)
+
+        out = self.inner(args, {**extra, "original_block": original_block})
+        if not ran and not self._warned:
+            self._warned = True
+            log.warning("another replacement of %s did not run the original block: the image prompt of %s is not "
+                        "applied on that block", block, self.adapter.name)
+        return out
 
