@@ -162,7 +162,9 @@ class FileIndex:
 
     def classify(self, path: str) -> FileKind:
         st = os.stat(path)
-        state = (st.st_size, st.st_mtime_ns)
+        return self._classify_at(path, (st.st_size, st.st_mtime_ns))
+
+    def _classify_at(self, path: str, state: tuple[int, int]) -> FileKind:
         with self._lock:
             known = self._known.get(path)
             if known is not None and known[0] == state:
@@ -174,13 +176,13 @@ class FileIndex:
         return kind
 
     def scan(self, files: Iterable[tuple[str, str]]) -> list[tuple[str, str, int, FileKind]]:
-        """[(name, path, mtime_ns, kind)] for (name, path) pairs; missing files are left out."""
+        """[(name, path, mtime_ns, kind)] for (name, path) pairs (one stat each); missing files are left out."""
         out = []
         for name, path in files:
             try:
-                kind = self.classify(path)
-                mtime = os.stat(path).st_mtime_ns
+                st = os.stat(path)
+                kind = self._classify_at(path, (st.st_size, st.st_mtime_ns))
             except FileNotFoundError:
                 continue
-            out.append((name, path, mtime, kind))
+            out.append((name, path, st.st_mtime_ns, kind))
         return out
